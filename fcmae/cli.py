@@ -1,0 +1,56 @@
+"""The ``fcmae`` console script: ``fcmae pretrain | convert | finetune | evaluate | visualize``.
+
+Each subcommand lives in its own module and exposes ``add_arguments(parser)`` and ``run(args) -> int``; this
+file only dispatches, importing the subcommand's module lazily so ``fcmae --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fcmae.runtime import reexec_with_malloc_tuning
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("fcmae.commands.pretrain", "FCMAE self-supervised pretraining (config YAML + key=value overrides)"),
+    "convert": ("fcmae.commands.convert", "convert checkpoints between layouts (ours, official, timm)"),
+    "finetune": ("fcmae.commands.finetune", "supervised fine-tuning of a dense ConvNeXt V2"),
+    "evaluate": ("fcmae.commands.evaluate", "top-1/top-5 accuracy of a classifier checkpoint"),
+    "visualize": ("fcmae.commands.visualize", "reconstruction figure of a pretraining checkpoint on images"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fcmae", description="FCMAE pretraining and fine-tuning for ConvNeXt V2")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ModuleNotFoundError as exc:  # a subcommand not built yet must not break the others
+            if exc.name != module:
+                raise
+            p.set_defaults(_missing=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        reexec_with_malloc_tuning()
+        argv = sys.argv[1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", False):
+        print(f"fcmae {args.command}: not available in this version", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Random patch masks for FCMAE.
+
+A mask lives on the encoder's final grid (one cell per 32x32 pixels): a bool tensor ``(N, L)`` with
+``L = h * w`` cells in row-major order, ``True`` = removed. Every image keeps exactly
+``int(L * (1 - mask_ratio))`` cells, so the visible positions of a batch form a regular tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _grid(grid_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(grid_size, int):
+        return grid_size, grid_size
+    h, w = grid_size
+    return int(h), int(w)
+
+
+def num_kept(num_cells: int, mask_ratio: float) -> int:
+    """Number of visible cells per image: ``int(L * (1 - mask_ratio))``, at least 1."""
+    check_mask_ratio(mask_ratio)
+    return max(1, int(num_cells * (1.0 - mask_ratio)))
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    if not (0.0 <= float(mask_ratio) < 1.0):
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+
+
+def random_masking(
+    batch_size: int,
+    grid_size: int | tuple[int, int],
+    mask_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Uniformly random masks: bool ``(batch_size, h * w)``, True = removed, the same count removed per image.
+
+    The random draws come from ``generator`` (on CPU unless the generator lives elsewhere), so a seeded
+    generator gives the same masks on every device.
+    """
+    h, w = _grid(grid_size)
+    num = h * w
+    keep = num_kept(num, mask_ratio)
+    gen_device = generator.device if generator is not None else "cpu"
+    noise = torch.rand(batch_size, num, generator=generator, device=gen_device)
+    ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each cell's noise within its row
+    mask = ranks >= keep
+    return mask.to(device) if device is not None else mask
+
+
+def kept_indices(mask: Tensor) -> Tensor:
+    """Indices of visible cells, ascending, ``(N, K)`` int64, for a mask with the same count per row."""
+    if mask.ndim != 2:
+        raise ValueError(f"mask must have shape (N, L), got {tuple(mask.shape)}")
+    visible = (~mask.bool()).sum(dim=1)
+    if visible.numel() and not bool((visible == visible[0]).all()):
+        raise ValueError(
+            f"every image must keep the same number of cells; visible cells per image: {visible.tolist()}"
+        )
+    k = int(visible[0]) if visible.numel() else 0
+    if k == 0:
+        raise ValueError("mask removes every cell of an image; at least one cell must stay visible")
+    order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+    return order[:, :k]
+
+
+def upsample_mask(mask: Tensor, grid_size: int | tuple[int, int], scale: int) -> Tensor:
+    """``(N, h * w)`` mask -> ``(N, h * scale, w * scale)`` mask at a finer stage (nearest neighbour)."""
+    h, w = _grid(grid_size)
+    m = mask.reshape(mask.shape[0], h, w)
+    return m.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)

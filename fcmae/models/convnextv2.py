@@ -1,0 +1,250 @@
+"""Dense ConvNeXt V2 (Woo et al., CVPR 2023) with a registry of variants.
+
+Internally the network runs channels-last: feature maps are ``(N, C, H, W)`` tensors in
+``torch.channels_last`` memory format, so ``x.permute(0, 2, 3, 1)`` is a free view on which
+LayerNorm and the two Linears of every block run as plain matmuls.
+
+Parameter names follow the official dense ConvNeXt V2 code (``downsample_layers``, ``stages``,
+``dwconv``, ``pwconv1``, ``grn``, ``pwconv2``, ``norm``, ``head``), except that GRN's ``gamma`` and
+``beta`` are stored as ``(4C,)`` vectors. The sparse encoder (``sparse.py``) reuses these modules,
+so the dense and sparse encoders have identical state dict keys and shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import Tensor, nn
+
+STRIDE = 32  # total stride of the encoder: stem 4 x three 2x downsamples
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Depths and widths of the four stages of one ConvNeXt V2 variant."""
+
+    depths: tuple[int, int, int, int]
+    dims: tuple[int, int, int, int]
+
+
+_VARIANTS: dict[str, VariantSpec] = {
+    "convnextv2_test": VariantSpec((1, 1, 2, 1), (8, 16, 24, 32)),
+    "convnextv2_atto": VariantSpec((2, 2, 6, 2), (40, 80, 160, 320)),
+    "convnextv2_femto": VariantSpec((2, 2, 6, 2), (48, 96, 192, 384)),
+    "convnextv2_pico": VariantSpec((2, 2, 6, 2), (64, 128, 256, 512)),
+    "convnextv2_nano": VariantSpec((2, 2, 8, 2), (80, 160, 320, 640)),
+    "convnextv2_tiny": VariantSpec((3, 3, 9, 3), (96, 192, 384, 768)),
+    "convnextv2_base": VariantSpec((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "convnextv2_large": VariantSpec((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "convnextv2_huge": VariantSpec((3, 3, 27, 3), (352, 704, 1408, 2816)),
+}
+
+
+def list_models() -> list[str]:
+    """Names of all registered variants."""
+    return list(_VARIANTS)
+
+
+def get_variant(name: str) -> VariantSpec:
+    """Look up a variant by name (``convnextv2_atto`` or just ``atto``); unknown names list the known ones."""
+    key = name if name.startswith("convnextv2_") else f"convnextv2_{name}"
+    if key not in _VARIANTS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_VARIANTS)}")
+    return _VARIANTS[key]
+
+
+def canonical_name(name: str) -> str:
+    """``atto`` -> ``convnextv2_atto``; validates the name."""
+    get_variant(name)
+    return name if name.startswith("convnextv2_") else f"convnextv2_{name}"
+
+
+def check_image_size(height: int, width: int, stride: int = STRIDE) -> None:
+    """Raise a clear error unless both sides are positive multiples of ``stride``."""
+    if height <= 0 or width <= 0 or height % stride or width % stride:
+        raise ValueError(
+            f"image size {height}x{width} (HxW) is not supported: height and width must be positive "
+            f"multiples of {stride} (the encoder's total stride)"
+        )
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel axis of an ``(N, C, H, W)`` map (any memory format)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global Response Normalisation on channels-last features.
+
+    The global feature norm is taken per sample over the spatial/token axes ``dims`` and in fp32,
+    whatever the input dtype. ``gamma`` and ``beta`` have shape ``(C,)`` and start at zero, so a
+    fresh GRN is the identity.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def scale(self, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+        """Per-sample, per-channel multiplier ``1 + gamma * Nx`` in fp32, shape of ``x`` with ``dims`` reduced to 1."""
+        gx = torch.linalg.vector_norm(x, ord=2, dim=dims, keepdim=True, dtype=torch.float32)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
+        return 1.0 + self.gamma.float() * nx
+
+    def forward(self, x: Tensor, dims: tuple[int, ...] = (1, 2)) -> Tensor:
+        """x: ``(N, ..., C)`` channels-last; ``dims`` are the axes pooled per sample."""
+        s = self.scale(x, dims)
+        # x + gamma * (x * Nx) + beta == x * (1 + gamma * Nx) + beta: one pass over the big tensor
+        return torch.addcmul(self.beta.to(x.dtype), x, s.to(x.dtype))
+
+
+class Block(nn.Module):
+    """ConvNeXt V2 block: dwconv 7x7 -> LayerNorm -> Linear 4x -> GELU -> GRN -> Linear, residual."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def mlp(self, x: Tensor, grn: Callable[[Tensor], Tensor]) -> Tensor:
+        """The per-position part on channels-last ``(..., C)`` input; ``grn`` applies GRN to ``(..., 4C)``."""
+        x = self.norm(x)
+        x = self.act(self.pwconv1(x))
+        x = grn(x)
+        return self.pwconv2(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: ``(N, C, H, W)``, preferably channels_last -> same shape."""
+        y = self.dwconv(x).permute(0, 2, 3, 1)  # (N, H, W, C)
+        y = self.mlp(y, lambda t: self.grn(t, dims=(1, 2)))
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+def _stem(in_chans: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), LayerNorm2d(dim, eps=1e-6))
+
+
+def _downsample(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
+
+
+class ConvNeXtV2Trunk(nn.Module):
+    """The encoder's modules (stem, downsample layers, stages) without a forward; shared by dense and sparse."""
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        depths: tuple[int, ...] = (3, 3, 9, 3),
+        dims: tuple[int, ...] = (96, 192, 384, 768),
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(depths) != 4 or len(dims) != 4:
+            raise ValueError(f"depths and dims need 4 stages, got depths={depths} dims={dims}")
+        self.in_chans = in_chans
+        self.depths = tuple(depths)
+        self.dims = tuple(dims)
+        self.downsample_layers = nn.ModuleList([_stem(in_chans, dims[0])])
+        for i in range(3):
+            self.downsample_layers.append(_downsample(dims[i], dims[i + 1]))
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        cur = 0
+        for i in range(4):
+            self.stages.append(nn.Sequential(*[Block(dims[i], rates[cur + j]) for j in range(depths[i])]))
+            cur += depths[i]
+        self.num_features = dims[-1]
+
+    def init_weights(self) -> None:
+        """Truncated normal (std .02) for conv/linear weights, zero biases; LayerNorm 1/0; GRN 0/0."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
+class ConvNeXtV2(ConvNeXtV2Trunk):
+    """Dense ConvNeXt V2 classifier.
+
+    ``forward_features``: ``(N, in_chans, H, W)`` -> ``(N, C, H/32, W/32)``;
+    ``forward_head``: that map -> ``(N, num_classes)`` logits (global average pool, LayerNorm, Linear);
+    with ``num_classes=0`` the head is the identity and ``forward`` returns the normalised pooled features.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: tuple[int, ...] = (3, 3, 9, 3),
+        dims: tuple[int, ...] = (96, 192, 384, 768),
+        drop_path_rate: float = 0.0,
+        head_init_scale: float = 1.0,
+    ) -> None:
+        super().__init__(in_chans, depths, dims, drop_path_rate)
+        self.num_classes = num_classes
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head: nn.Module = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(N, in_chans, H, W)`` -> ``(N, C_last, H/32, W/32)`` (channels_last memory format)."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        check_image_size(x.shape[2], x.shape[3])
+        x = x.contiguous(memory_format=torch.channels_last)
+        for i in range(4):
+            x = self.downsample_layers[i](x)
+            x = self.stages[i](x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """``(N, C, h, w)`` -> ``(N, num_classes)``."""
+        x = self.norm(x.mean(dim=(2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int, init_std: float = 2e-5) -> None:
+        """Replace the head (trunc normal ``init_std``, zero bias), e.g. for fine-tuning on a new label set."""
+        self.num_classes = num_classes
+        if num_classes > 0:
+            ref = self.norm.weight
+            head = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+            trunc_normal_(head.weight, std=init_std)
+            nn.init.zeros_(head.bias)
+            self.head = head
+        else:
+            self.head = nn.Identity()
+
+
+def create_model(
+    name: str,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    drop_path_rate: float = 0.0,
+    head_init_scale: float = 1.0,
+) -> ConvNeXtV2:
+    """Build a dense ConvNeXt V2 variant by name (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``)."""
+    spec = get_variant(name)
+    return ConvNeXtV2(in_chans, num_classes, spec.depths, spec.dims, drop_path_rate, head_init_scale)

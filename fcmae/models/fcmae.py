@@ -1,0 +1,193 @@
+"""FCMAE: sparse ConvNeXt V2 encoder + lightweight decoder + masked reconstruction loss."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from fcmae.masking import check_mask_ratio, kept_indices, random_masking
+from fcmae.models.convnextv2 import STRIDE, Block, canonical_name, check_image_size, get_variant
+from fcmae.models.sparse import SparseConvNeXtV2, tokens_to_grid
+
+
+def patchify(imgs: Tensor, patch_size: int = STRIDE) -> Tensor:
+    """``(N, C, H, W)`` -> ``(N, L, p*p*C)``, cells row-major, pixels ``(py, px, c)`` inside a cell (official order)."""
+    n, c, height, width = imgs.shape
+    h, w = height // patch_size, width // patch_size
+    x = imgs.reshape(n, c, h, patch_size, w, patch_size).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(n, h * w, patch_size * patch_size * c)
+
+
+def unpatchify(x: Tensor, grid_size: tuple[int, int], in_chans: int, patch_size: int = STRIDE) -> Tensor:
+    """Inverse of ``patchify``: ``(N, L, p*p*C)`` -> ``(N, C, H, W)``."""
+    n = x.shape[0]
+    h, w = grid_size
+    x = x.reshape(n, h, w, patch_size, patch_size, in_chans).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(n, in_chans, h * patch_size, w * patch_size)
+
+
+def patch_targets(imgs: Tensor, norm_pix_loss: bool, patch_size: int = STRIDE) -> Tensor:
+    """Reconstruction targets ``(N, L, p*p*C)`` in fp32; per-patch normalised (mean 0, unbiased var 1) if asked."""
+    target = patchify(imgs.float(), patch_size)
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    return target
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Mean over removed cells of the per-cell MSE. pred/target ``(N, L, P)``, mask ``(N, L)`` True = removed."""
+    per_cell = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    m = mask.float()
+    return (per_cell * m).sum() / m.sum().clamp_min(1.0)
+
+
+class FCMAE(nn.Module):
+    """Fully convolutional masked autoencoder around a sparse ConvNeXt V2 encoder.
+
+    The decoder runs on the final ``h x w = H/32 x W/32`` grid. The projection runs only at visible cells
+    (removed cells get the mask token anyway) and the pixel head only at removed cells (the loss ignores the
+    rest) unless ``predict_all=True``.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        depths: tuple[int, ...] = (3, 3, 9, 3),
+        dims: tuple[int, ...] = (96, 192, 384, 768),
+        mask_ratio: float = 0.6,
+        decoder_depth: int = 1,
+        decoder_embed_dim: int = 512,
+        norm_pix_loss: bool = True,
+        drop_path_rate: float = 0.0,
+        patch_size: int = STRIDE,
+        model_name: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_mask_ratio(mask_ratio)
+        if patch_size != STRIDE:
+            raise ValueError(f"patch_size must equal the encoder's total stride {STRIDE}, got {patch_size}")
+        if decoder_depth < 0 or decoder_embed_dim <= 0:
+            raise ValueError(f"bad decoder: depth {decoder_depth}, embed dim {decoder_embed_dim}")
+        self.model_name = model_name
+        self.in_chans = in_chans
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.patch_size = patch_size
+        self.encoder = SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate)
+        self.proj = nn.Linear(dims[-1], decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
+        self.decoder = nn.Sequential(*[Block(decoder_embed_dim) for _ in range(decoder_depth)])
+        self.pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        nn.init.normal_(self.mask_token, std=0.02)
+        for mod in [self.proj, self.pred, *self.decoder.modules()]:
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                trunc_normal_(mod.weight, std=0.02)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def grid_size(self, imgs: Tensor) -> tuple[int, int]:
+        if imgs.ndim != 4 or imgs.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape (N, {self.in_chans}, H, W), got {tuple(imgs.shape)}")
+        check_image_size(imgs.shape[2], imgs.shape[3], self.patch_size)
+        return imgs.shape[2] // self.patch_size, imgs.shape[3] // self.patch_size
+
+    def _mask(self, imgs: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        h, w = self.grid_size(imgs)
+        n = imgs.shape[0]
+        if mask is None:
+            return random_masking(n, (h, w), self.mask_ratio, generator=generator, device=imgs.device)
+        if mask.shape == (n, h, w):
+            mask = mask.reshape(n, h * w)
+        if tuple(mask.shape) != (n, h * w):
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)}, expected (N, L) = ({n}, {h * w}) for images of size "
+                f"{imgs.shape[2]}x{imgs.shape[3]} (grid {h}x{w})"
+            )
+        return mask.to(device=imgs.device, dtype=torch.bool)
+
+    # -- forward pieces --------------------------------------------------------------------------------------
+    def encode_tokens(self, imgs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (tokens ``(N, K, C)`` at visible cells, keep ``(N, K)`` their cell indices)."""
+        keep = kept_indices(mask)
+        return self.encoder(imgs, keep), keep
+
+    def forward_encoder(self, imgs: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
+                        ) -> Tensor:
+        """Final-stage features as a dense ``(N, C, H/32, W/32)`` map with zeros at removed cells."""
+        mask = self._mask(imgs, mask, generator)
+        h, w = self.grid_size(imgs)
+        tokens, keep = self.encode_tokens(imgs, mask)
+        grid = tokens_to_grid(tokens, keep, h, w)
+        return grid.transpose(1, 2).reshape(imgs.shape[0], -1, h, w)
+
+    def forward_decoder(self, tokens: Tensor, keep: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Visible tokens ``(N, K, C)`` -> decoder features ``(N, L, D)`` on the whole grid."""
+        h, w = grid
+        z = self.proj(tokens)
+        x = tokens_to_grid(z, keep, h, w, fill=self.mask_token)  # (N, L, D)
+        n, _, d = x.shape
+        x = x.reshape(n, h, w, d).permute(0, 3, 1, 2)  # channels_last NCHW view
+        x = self.decoder(x)
+        return x.permute(0, 2, 3, 1).reshape(n, h * w, d)
+
+    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        """Per-patch MSE averaged over removed cells; pred ``(N, L, p*p*C)``."""
+        return masked_mse(pred, patch_targets(imgs, self.norm_pix_loss, self.patch_size), mask)
+
+    def forward(
+        self,
+        imgs: Tensor,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        predict_all: bool = False,
+    ) -> dict[str, Tensor]:
+        """imgs ``(N, C, H, W)`` -> ``{"loss": (), "pred": (N, L, p*p*C), "mask": (N, L) bool}``.
+
+        ``pred`` is computed at removed cells; at visible cells it is zero unless ``predict_all`` is set.
+        """
+        mask = self._mask(imgs, mask, generator)
+        h, w = self.grid_size(imgs)
+        n, num = mask.shape
+        tokens, keep = self.encode_tokens(imgs, mask)
+        feats = self.forward_decoder(tokens, keep, (h, w))
+        if predict_all:
+            pred = self.pred(feats)
+            removed = None
+        else:
+            removed = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : num - keep.shape[1]]
+            feats_r = torch.gather(feats, 1, removed.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+            pred_r = self.pred(feats_r)  # (N, R, P)
+        target = patch_targets(imgs, self.norm_pix_loss, self.patch_size)
+        if removed is None:
+            loss = masked_mse(pred, target, mask)
+        else:
+            target_r = torch.gather(target, 1, removed.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+            loss = (pred_r.float() - target_r).pow(2).mean() if removed.shape[1] else pred_r.float().sum() * 0.0
+            pred = pred_r.new_zeros(n, num, pred_r.shape[-1]).scatter(
+                1, removed.unsqueeze(-1).expand(-1, -1, pred_r.shape[-1]), pred_r
+            )
+        return {"loss": loss, "pred": pred, "mask": mask}
+
+
+def create_fcmae(
+    name: str,
+    in_chans: int = 3,
+    mask_ratio: float = 0.6,
+    decoder_depth: int = 1,
+    decoder_embed_dim: int = 512,
+    norm_pix_loss: bool = True,
+    drop_path_rate: float = 0.0,
+) -> FCMAE:
+    """FCMAE around the named ConvNeXt V2 variant (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``)."""
+    spec = get_variant(name)
+    return FCMAE(
+        in_chans, spec.depths, spec.dims, mask_ratio, decoder_depth, decoder_embed_dim, norm_pix_loss,
+        drop_path_rate, model_name=canonical_name(name),
+    )

@@ -1,0 +1,165 @@
+"""The sparse ConvNeXt V2 encoder: computes only at visible positions, with submanifold semantics.
+
+Representation. Features are tokens ``(N, T, C)``, channels last, holding only visible positions. The mask is
+chosen on the final 1/32 grid, so at stage ``s`` every visible cell is a whole ``r x r`` block of positions
+(``r = 8, 4, 2, 1``) and every image has the same number ``K`` of visible cells: ``T = K * r * r`` is the
+same for all images and the batch is a regular tensor (static shapes, no ragged batches).
+
+Token order. Cells appear in ascending cell index (``kept_indices``); inside a cell, positions follow the
+recursive 2x2 (Morton / Z) order, bits ``y_{b-1} x_{b-1} ... y_0 x_0``. Then every 2x2 downsampling window is
+four consecutive tokens, children ordered ``(0,0), (0,1), (1,0), (1,1)``, and the parents come out in Morton
+order of the coarser stage. So:
+
+- stem (4x4 conv, stride 4): one matmul on the visible 32x32 pixel patches, unfolded by reshape/permute;
+- downsample (LayerNorm, 2x2 conv, stride 2): LayerNorm on tokens, a free reshape to ``(N, T/4, 4C)``, one
+  matmul with the conv weight viewed as ``(C_out, 4C)``;
+- LayerNorm, both Linears, GELU, GRN, residual, drop path: on tokens only;
+- GRN: its global norm is a per-sample reduction over the token axis, i.e. over visible positions only;
+- 7x7 depthwise conv: tokens are scattered into a zeroed dense grid, convolved, and gathered back. Removed
+  positions hold zeros, so they never contribute to visible ones: submanifold sparse convolution.
+
+Parameters are exactly those of the dense model (``ConvNeXtV2Trunk``): same names, same shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2Trunk, check_image_size
+
+
+def morton_decode(num_bits: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """``(row, col)`` int64 vectors of length ``4**num_bits``: position of each Morton index in a square block."""
+    m = torch.arange(4**num_bits, device=device)
+    row = torch.zeros_like(m)
+    col = torch.zeros_like(m)
+    for j in range(num_bits):
+        row |= ((m >> (2 * j + 1)) & 1) << j
+        col |= ((m >> (2 * j)) & 1) << j
+    return row, col
+
+
+def flat_positions(keep: Tensor, grid_w: int, r: int) -> Tensor:
+    """Flat indices into an ``(N * h*r * w*r)`` position list for tokens ordered as described above.
+
+    keep: ``(N, K)`` visible cell indices on the ``h x w`` final grid. Returns ``(N * K * r * r,)`` int64.
+    """
+    n = keep.shape[0]
+    row, col = morton_decode(r.bit_length() - 1, keep.device)
+    cy = torch.div(keep, grid_w, rounding_mode="floor")
+    cx = keep - cy * grid_w
+    y = cy.unsqueeze(-1) * r + row  # (N, K, r*r)
+    x = cx.unsqueeze(-1) * r + col
+    width = grid_w * r
+    return (y * width + x).reshape(n, -1)
+
+
+class SparseContext:
+    """Per-forward index tables: for each stage, flat positions of the tokens in the batch's dense grid."""
+
+    def __init__(self, keep: Tensor, grid_h: int, grid_w: int) -> None:
+        self.n = keep.shape[0]
+        self.keep = keep
+        self.grid_h, self.grid_w = grid_h, grid_w
+        self._index: dict[int, Tensor] = {}
+
+    def index(self, r: int) -> Tensor:
+        """``(N * T,)`` flat index into ``(N * h*r * w*r)`` for the stage with ``r x r`` positions per cell."""
+        if r not in self._index:
+            pos = flat_positions(self.keep, self.grid_w, r)  # (N, T)
+            offs = torch.arange(self.n, device=pos.device).unsqueeze(1) * (self.grid_h * r * self.grid_w * r)
+            self._index[r] = (pos + offs).reshape(-1)
+        return self._index[r]
+
+
+def sparse_dwconv(x: Tensor, conv: nn.Conv2d, ctx: SparseContext, r: int) -> Tensor:
+    """Submanifold depthwise conv on tokens ``(N, T, C)`` -> ``(N, T, C)``: scatter, dense conv, gather."""
+    n, t, c = x.shape
+    hs, ws = ctx.grid_h * r, ctx.grid_w * r
+    idx = ctx.index(r)
+    grid = x.new_zeros(n * hs * ws, c).index_copy(0, idx, x.reshape(n * t, c))
+    grid = grid.view(n, hs, ws, c).permute(0, 3, 1, 2)  # NCHW view of channels_last memory
+    out = conv(grid)
+    out = out.permute(0, 2, 3, 1).reshape(n * hs * ws, c)
+    return out.index_select(0, idx).view(n, t, c)
+
+
+def _layer_norm(x: Tensor, ln: nn.LayerNorm) -> Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+class SparseConvNeXtV2(ConvNeXtV2Trunk):
+    """ConvNeXt V2 encoder that runs on visible cells only.
+
+    ``forward(imgs, keep)``: imgs ``(N, in_chans, H, W)`` with ``H, W`` multiples of 32, keep ``(N, K)`` visible
+    cell indices on the ``H/32 x W/32`` grid (ascending, see ``fcmae.masking.kept_indices``) ->
+    ``(N, K, C_last)`` final-stage features, one token per visible cell, in the order of ``keep``.
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        depths: tuple[int, ...] = (3, 3, 9, 3),
+        dims: tuple[int, ...] = (96, 192, 384, 768),
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__(in_chans, depths, dims, drop_path_rate)
+        self.init_weights()
+
+    def _stem(self, imgs: Tensor, keep: Tensor) -> Tensor:
+        """Visible 32x32 patches -> ``(N, K*64, C0)`` tokens (before the stem LayerNorm)."""
+        n, cin, height, width = imgs.shape
+        h, w = height // STRIDE, width // STRIDE
+        k = keep.shape[1]
+        patches = imgs.reshape(n, cin, h, STRIDE, w, STRIDE).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, -1)
+        patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        # 32 = 2*2*2*4 per axis: Morton bits (y2 x2 y1 x1 y0 x0) over 4x4 pixel blocks, then (c, py, px) per block
+        patches = patches.reshape(n, k, cin, 2, 2, 2, 4, 2, 2, 2, 4)
+        patches = patches.permute(0, 1, 3, 7, 4, 8, 5, 9, 2, 6, 10).reshape(n, k * 64, cin * 16)
+        conv = self.downsample_layers[0][0]
+        return F.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+    @staticmethod
+    def _downsample(x: Tensor, ds: nn.Sequential) -> Tensor:
+        """LayerNorm + 2x2 stride-2 conv on Morton-ordered tokens: ``(N, T, C)`` -> ``(N, T/4, C_out)``."""
+        ln, conv = ds[0], ds[1]
+        x = _layer_norm(x, ln)
+        n, t, c = x.shape
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 4 * c)  # (C_out, (dy, dx, c))
+        return F.linear(x.reshape(n, t // 4, 4 * c), weight, conv.bias)
+
+    @staticmethod
+    def _block(x: Tensor, blk: Block, ctx: SparseContext, r: int) -> Tensor:
+        y = sparse_dwconv(x, blk.dwconv, ctx, r)
+        y = blk.mlp(y, lambda t: blk.grn(t, dims=(1,)))
+        return x + blk.drop_path(y)
+
+    def forward(self, imgs: Tensor, keep: Tensor) -> Tensor:
+        if imgs.ndim != 4 or imgs.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape (N, {self.in_chans}, H, W), got {tuple(imgs.shape)}")
+        n, _, height, width = imgs.shape
+        check_image_size(height, width)
+        h, w = height // STRIDE, width // STRIDE
+        if keep.ndim != 2 or keep.shape[0] != n:
+            raise ValueError(f"keep must have shape (N={n}, K), got {tuple(keep.shape)}")
+        ctx = SparseContext(keep, h, w)
+        x = _layer_norm(self._stem(imgs, keep), self.downsample_layers[0][1])
+        for i in range(4):
+            r = 8 >> i
+            if i > 0:
+                x = self._downsample(x, self.downsample_layers[i])
+            for blk in self.stages[i]:
+                x = self._block(x, blk, ctx, r)
+        return x
+
+
+def tokens_to_grid(tokens: Tensor, keep: Tensor, grid_h: int, grid_w: int, fill: Tensor | None = None) -> Tensor:
+    """Final-stage tokens ``(N, K, C)`` -> ``(N, h*w, C)`` with ``fill`` (default zeros) at removed cells."""
+    n, _, c = tokens.shape
+    if fill is None:
+        base = tokens.new_zeros(n, grid_h * grid_w, c)
+    else:
+        base = fill.to(tokens.dtype).expand(n, grid_h * grid_w, c)
+    return torch.scatter(base, 1, keep.unsqueeze(-1).expand(-1, -1, c), tokens)
