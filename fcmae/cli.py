@@ -37,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    if argv is None:
+def main(argv: list[str] | None = None, reexec: bool | None = None) -> int:
+    """Run a subcommand. From a shell (``argv`` None) the process first re-executes itself once with tuned
+    malloc settings (see ``fcmae.runtime``); in-process calls with an explicit ``argv`` do not."""
+    if reexec if reexec is not None else argv is None:
         reexec_with_malloc_tuning()
+    if argv is None:
         argv = sys.argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,91 @@
+"""Reconstruction figures: original | masked | reconstruction | reconstruction pasted into the visible patches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from fcmae.masking import upsample_mask
+from fcmae.models.fcmae import FCMAE, patchify, unpatchify
+
+
+@torch.no_grad()
+def reconstruct(model: FCMAE, imgs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """-> (reconstruction ``(N, C, H, W)`` in the input's normalised space, pixel mask ``(N, 1, H, W)`` True=removed).
+
+    With ``norm_pix_loss`` the model predicts per-patch normalised pixels; they are mapped back with each patch's
+    own mean and std, as in the MAE papers' figures.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(imgs, mask, predict_all=True)
+    finally:
+        model.train(was_training)
+    pred = out["pred"].float()
+    h, w = imgs.shape[2] // model.patch_size, imgs.shape[3] // model.patch_size
+    if model.norm_pix_loss:
+        target = patchify(imgs.float(), model.patch_size)
+        mean = target.mean(dim=-1, keepdim=True)
+        std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        pred = pred * std + mean
+    rec = unpatchify(pred, (h, w), imgs.shape[1], model.patch_size)
+    pix_mask = upsample_mask(out["mask"], (h, w), model.patch_size).unsqueeze(1)
+    return rec, pix_mask
+
+
+def _to_uint8(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``(C, H, W)`` normalised -> ``(H, W, 3)`` uint8."""
+    m = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    img = (x * s + m).clamp(0, 1)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    elif img.shape[0] > 3:
+        img = img[:3]
+    return (img.permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def reconstruction_grid(
+    model: FCMAE,
+    imgs: Tensor,
+    mask: Tensor,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    min_cell: int = 160,
+) -> Image.Image:
+    """One row per image: original | masked (removed patches grey) | reconstruction | pasted reconstruction."""
+    rec, pix = reconstruct(model, imgs, mask)
+    imgs = imgs.float().cpu()
+    rec, pix = rec.cpu(), pix.cpu()
+    grey = torch.zeros_like(imgs)  # 0 in normalised space = the dataset mean colour
+    masked = torch.where(pix, grey, imgs)
+    pasted = torch.where(pix, rec, imgs)
+    n, _, height, width = imgs.shape
+    scale = max(1, -(-min_cell // max(height, width)))
+    pad = 4
+    cols = 4
+    canvas = Image.new("RGB", (cols * (width * scale + pad) + pad, n * (height * scale + pad) + pad), (255, 255, 255))
+    for i in range(n):
+        for j, t in enumerate((imgs[i], masked[i], rec[i], pasted[i])):
+            tile = Image.fromarray(_to_uint8(t, mean, std))
+            if scale > 1:
+                tile = tile.resize((width * scale, height * scale), Image.NEAREST)
+            canvas.paste(tile, (pad + j * (width * scale + pad), pad + i * (height * scale + pad)))
+    return canvas
+
+
+def save_reconstruction_figure(
+    model: FCMAE, imgs: Tensor, mask: Tensor, mean: tuple[float, ...], std: tuple[float, ...], path: str | Path
+) -> Path:
+    """Write the grid as PNG (atomically) and return its path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    reconstruction_grid(model, imgs, mask, mean, std).save(tmp, format="PNG")
+    tmp.replace(p)
+    return p
