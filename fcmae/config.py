@@ -130,6 +130,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            value = {False: "no", True: "yes"}[value]  # YAML 1.1 reads a bare no/yes as a bool
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
         return value

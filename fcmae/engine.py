@@ -74,7 +74,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class EpochSampler(Sampler[int]):
-    """A random permutation per epoch, seeded by ``(seed, epoch)``; ``set_epoch`` picks the epoch."""
+    """A random permutation per epoch, seeded by ``(seed, epoch)``; ``use_epoch`` picks the epoch.
+
+    Deliberately not named ``set_epoch``: accelerate calls ``set_epoch(<its own iteration count>)`` on samplers,
+    which restarts at 0 in a resumed process and would replay the wrong epoch's order.
+    """
 
     def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
         self.num_samples = num_samples
@@ -82,7 +86,7 @@ class EpochSampler(Sampler[int]):
         self.shuffle = shuffle
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):

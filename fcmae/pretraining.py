@@ -79,8 +79,10 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     mp = resolve_mixed_precision(cfg.run.mixed_precision)
+    # several processes on a machine without CUDA: accelerate only picks gloo/MULTI_CPU when told cpu=True
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.run.accum_iter,
-                              step_scheduler_with_optimizer=False)
+                              step_scheduler_with_optimizer=False, cpu=cpu_ddp)
     set_seed(cfg.run.seed)
     out_dir = Path(cfg.run.output_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -170,7 +172,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     last_saved = state.step if resume_from is not None else -1
     while not done and state.epoch < cfg.optim.epochs:
         epoch = state.epoch
-        sampler.set_epoch(epoch)
+        sampler.use_epoch(epoch)
         dataset.epoch = epoch
         epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
         n_left = len(loader) - state.batch_in_epoch

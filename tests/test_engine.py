@@ -44,7 +44,7 @@ def test_epoch_sampler_is_seeded_per_epoch():
     s = EpochSampler(50, seed=3)
     a = list(s)
     assert sorted(a) == list(range(50)) and a == list(EpochSampler(50, seed=3))
-    s.set_epoch(1)
+    s.use_epoch(1)
     assert list(s) != a
     assert list(EpochSampler(50, seed=4)) != a
 

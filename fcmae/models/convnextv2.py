@@ -162,7 +162,9 @@ class ConvNeXtV2Trunk(nn.Module):
         self.downsample_layers = nn.ModuleList([_stem(in_chans, dims[0])])
         for i in range(3):
             self.downsample_layers.append(_downsample(dims[i], dims[i + 1]))
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        # plain Python (not torch.linspace) so the model can be built on the meta device
+        rates = [drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
         self.stages = nn.ModuleList()
         cur = 0
         for i in range(4):

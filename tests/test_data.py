@@ -1,0 +1,310 @@
+"""Data loading: decoding of any image mode, folder scans, bad-file skipping, IDX parsing, demo set, transforms."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader
+
+from fcmae.config import DataConfig
+from fcmae.data import (
+    DATASET_DEFAULT_FASHION_MNIST,
+    BadImageError,
+    DataError,
+    DemoImages,
+    FashionMNIST,
+    ImageFiles,
+    LabeledImageFolder,
+    build_eval_transform,
+    build_finetune_transform,
+    build_pretrain_dataset,
+    build_pretrain_transform,
+    demo_asset_path,
+    find_images,
+    load_image,
+    mean_std,
+    read_idx,
+)
+
+
+def _rgb(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
+    """A random RGB image of ``size`` (width, height)."""
+    a = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(a, "RGB")
+
+
+def _jpeg_bytes(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    _rgb(seed, (64, 48)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Good images of many modes and formats, nested, plus files that must be ignored."""
+    root = tmp_path / "imgs"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    (root / ".hiddendir").mkdir()
+    _rgb(0).save(root / "a.png")
+    _rgb(1).save(root / "b.jpg")
+    _rgb(2).convert("CMYK").save(root / "c_cmyk.jpg")
+    _rgb(3).convert("L").save(root / "d_gray.png")
+    rgba = _rgb(4).convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(root / "e_rgba.png")
+    _rgb(5).convert("P").save(root / "f_palette.gif")
+    Image.frombytes("I;16", (20, 10), np.arange(200, dtype="<u2").tobytes()).save(root / "g16.png")
+    _rgb(6).save(root / "sub" / "h.webp")
+    _rgb(7).save(root / "sub" / "deeper" / "i.bmp")
+    _rgb(8).save(root / "sub" / "J.JPG", format="JPEG")
+    _rgb(9).save(root / "k.tiff")
+    _rgb(10).save(root / ".hidden.png")
+    _rgb(11).save(root / ".hiddendir" / "x.png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+GOOD_NAMES = ["a.png", "b.jpg", "c_cmyk.jpg", "d_gray.png", "e_rgba.png", "f_palette.gif", "g16.png", "k.tiff",
+              "sub/J.JPG", "sub/deeper/i.bmp", "sub/h.webp"]
+
+
+def _add_bad_files(root: Path) -> tuple[Path, Path]:
+    """A random-bytes .jpg and a real JPEG cut in half; named to sort next to each other."""
+    corrupt = root / "bad1_corrupt.jpg"
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    truncated = root / "bad2_truncated.jpg"
+    data = _jpeg_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    return corrupt, truncated
+
+
+# --------------------------------------------------------------------------------------------- decoding / scan
+def test_scan_is_recursive_sorted_and_skips_hidden(image_folder: Path) -> None:
+    paths = find_images(image_folder)
+    assert [p.relative_to(image_folder).as_posix() for p in paths] == GOOD_NAMES
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_every_mode_decodes_to_model_mode(image_folder: Path, in_chans: int) -> None:
+    for p in find_images(image_folder):
+        img = load_image(p, in_chans)
+        assert img.mode == ("L" if in_chans == 1 else "RGB"), p
+    # alpha is composited on white: a half-transparent pixel is brighter than its stored colour
+    stored = np.asarray(Image.open(image_folder / "e_rgba.png").convert("RGB"), dtype=np.float64)
+    shown = np.asarray(load_image(image_folder / "e_rgba.png", 3), dtype=np.float64)
+    assert np.all(shown >= stored - 1) and shown.mean() > stored.mean() + 50
+    # 16-bit gray is scaled to 8 bits, not clipped
+    g16 = np.asarray(load_image(image_folder / "g16.png", 1))
+    assert g16.max() == 1 and np.asarray(Image.open(image_folder / "g16.png")).max() == 199
+
+
+def test_image_files_shapes(image_folder: Path) -> None:
+    ds = ImageFiles(find_images(image_folder), build_pretrain_transform(32, (0.5, 1.0), 0.5, 1), in_chans=1)
+    x, n = ds[3]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and n == 0
+
+
+# --------------------------------------------------------------------------------------------- bad files
+def test_bad_files_are_skipped_and_counted(image_folder: Path) -> None:
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES  # else truncated JPEGs silently decode as gray
+    _add_bad_files(image_folder)
+    ds = ImageFiles(find_images(image_folder), build_pretrain_transform(32, in_chans=3), in_chans=3)
+    assert len(ds) == len(GOOD_NAMES) + 2
+    loader = DataLoader(ds, batch_size=4, num_workers=2, shuffle=True)
+    total, seen = 0, 0
+    for x, skipped in loader:
+        assert x.shape[1:] == (3, 32, 32) and skipped.dtype == torch.int64
+        total += int(skipped.sum())
+        seen += len(x)
+    assert seen == len(ds) and total == 2  # two adjacent bad files: each counted once
+
+
+def test_bad_file_warns_once_and_is_replaced_by_next(image_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    corrupt, truncated = _add_bad_files(image_folder)
+    ds = ImageFiles(find_images(image_folder), None, in_chans=3)
+    i = ds.paths.index(corrupt)
+    assert ds.paths[i + 1] == truncated
+    with caplog.at_level(logging.WARNING, logger="fcmae.data"):
+        img, n = ds[i]
+        ds[i]
+        ds[i + 1]
+    assert n == 1 and img.size == (40, 30)  # c_cmyk.jpg, the file after the two bad ones
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert str(corrupt) in messages[0] and str(truncated) in messages[1]
+
+
+def test_bad_file_error_mode_names_the_file(image_folder: Path) -> None:
+    corrupt, truncated = _add_bad_files(image_folder)
+    ds = ImageFiles(find_images(image_folder), None, on_bad_image="error")
+    with pytest.raises(BadImageError, match="bad1_corrupt.jpg"):
+        ds[ds.paths.index(corrupt)]
+    with pytest.raises(BadImageError, match="bad2_truncated.jpg.*truncated"):
+        ds[ds.paths.index(truncated)]
+
+
+def test_zero_byte_and_all_bad(tmp_path: Path) -> None:
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 not really")
+    ds = ImageFiles(find_images(tmp_path))
+    with pytest.raises(DataError, match="all 2 image files are unreadable"):
+        ds[0]
+
+
+def test_empty_or_missing_folder_errors(tmp_path: Path) -> None:
+    (tmp_path / "only_text").mkdir()
+    (tmp_path / "only_text" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match=r"no image files found under .*only_text.*\.jpg, \.jpeg, \.png"):
+        find_images(tmp_path / "only_text")
+    with pytest.raises(DataError, match="nope does not exist"):
+        build_pretrain_dataset(DataConfig(source="folder", path=str(tmp_path / "nope")), 3)
+
+
+# --------------------------------------------------------------------------------------------- layouts
+def _imagenet_tree(root: Path) -> None:
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("n01", "n02"):
+            (root / split / cls).mkdir(parents=True)
+            for k in range(n):
+                _rgb(k).save(root / split / cls / f"{k}.JPEG")
+
+
+def test_imagenet_layout_uses_train_and_limit(tmp_path: Path) -> None:
+    _imagenet_tree(tmp_path)
+    ds = build_pretrain_dataset(DataConfig(source="imagenet", path=str(tmp_path), input_size=32), 3)
+    assert len(ds) == 6 and all("train" in p.parts for p in ds.paths)
+    x, n = ds[5]
+    assert x.shape == (3, 32, 32) and n == 0
+    ds = build_pretrain_dataset(DataConfig(source="imagenet", path=str(tmp_path / "val"), input_size=32, limit=3), 1)
+    assert len(ds) == 3 and ds[0][0].shape == (1, 32, 32)
+    folder = build_pretrain_dataset(DataConfig(source="folder", path=str(tmp_path), input_size=32), 3)
+    assert len(folder) == 10
+
+
+def test_labeled_folder(tmp_path: Path) -> None:
+    _imagenet_tree(tmp_path)
+    (tmp_path / "train" / "n02" / "0.JPEG").write_bytes(b"broken")
+    ds = LabeledImageFolder(tmp_path / "train", build_eval_transform(32, in_chans=3), in_chans=3)
+    assert ds.classes == ["n01", "n02"] and ds.targets == [0, 0, 0, 1, 1, 1]
+    x, label, n = ds[3]
+    assert x.shape == (3, 32, 32) and label == 1 and n == 1
+    x, label, n = ds[2]
+    assert label == 0 and n == 0
+    with pytest.raises(DataError, match="no class folders"):
+        LabeledImageFolder(tmp_path / "train" / "n01")
+
+
+# --------------------------------------------------------------------------------------------- Fashion-MNIST
+def _write_idx(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool) -> None:
+    n, h, w = images.shape
+    img = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, h, w)) + images.tobytes()
+    lab = (2049).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.tobytes()
+    suffix = ".gz" if gz else ""
+    pack = gzip.compress if gz else bytes
+    (folder / f"{prefix}-images-idx3-ubyte{suffix}").write_bytes(pack(img))
+    (folder / f"{prefix}-labels-idx1-ubyte{suffix}").write_bytes(pack(lab))
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_tiny_idx(tmp_path: Path, gz: bool) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    _write_idx(tmp_path, "t10k", images, labels, gz)
+    ds = FashionMNIST(tmp_path, "test", in_chans=1)
+    img, label = ds[2]
+    assert len(ds) == 5 and label == 4 and img.mode == "L" and np.array_equal(np.asarray(img), images[2])
+    img3, _ = FashionMNIST(tmp_path, "test", in_chans=3)[2]
+    assert img3.mode == "RGB" and np.array_equal(np.asarray(img3)[..., 1], images[2])
+    _write_idx(tmp_path, "train", images, labels, gz)
+    ds = build_pretrain_dataset(DataConfig(source="fashion_mnist", path=str(tmp_path), input_size=32, limit=4), 3)
+    x, n = ds[0]
+    assert len(ds) == 4 and x.shape == (3, 32, 32) and n == 0
+
+
+def test_idx_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "train-images-idx3-ubyte"
+    bad.write_bytes((2049).to_bytes(4, "big") + bytes(12))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte is not an IDX images file: magic number 2049"):
+        read_idx(bad, "images")
+    short = tmp_path / "short"
+    short.write_bytes((2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (2, 28, 28)) + bytes(10))
+    with pytest.raises(DataError, match="short: header says"):
+        read_idx(short, "images")
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.*not found"):
+        FashionMNIST(tmp_path, "test")
+
+
+@pytest.mark.skipif(not Path(DATASET_DEFAULT_FASHION_MNIST, "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="Fashion-MNIST not installed")
+def test_fashion_mnist_real_files() -> None:
+    ds = FashionMNIST(DATASET_DEFAULT_FASHION_MNIST, "test", in_chans=1)
+    img, label = ds[0]
+    assert len(ds) == 10000 and img.size == (28, 28) and label == 9  # the test set starts with an ankle boot
+    assert np.bincount(ds.labels).tolist() == [1000] * 10
+
+
+# --------------------------------------------------------------------------------------------- demo set
+def test_demo_asset_contents() -> None:
+    ds = DemoImages()
+    assert demo_asset_path().stat().st_size < 600_000
+    assert len(ds) == 1024 and ds.images.shape == (1024, 28, 28) and ds.images.dtype == np.uint8
+    assert np.bincount(ds.labels).tolist() == [103] * 4 + [102] * 6
+    assert np.all(np.diff(ds.source_index) > 0)
+    img, label = ds[0]
+    assert img.size == (128, 128) and img.mode == "L" and label == 9
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_demo_pretrain_dataset_normalised(in_chans: int) -> None:
+    ds = build_pretrain_dataset(DataConfig(source="demo", input_size=64), in_chans)
+    x = torch.stack([ds[i][0] for i in range(16)])
+    assert x.shape == (16, in_chans, 64, 64) and x.dtype == torch.float32
+    assert all(ds[i][1] == 0 for i in range(4))
+    mean, std = mean_std(in_chans)
+    pixels = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and x.min() < -1.5 and x.max() > 1.5
+    if in_chans == 3:  # gray replicated: all channels carry the same pixels
+        assert torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-5)
+    assert len(build_pretrain_dataset(DataConfig(source="demo", input_size=64, limit=10), in_chans)) == 10
+
+
+# --------------------------------------------------------------------------------------------- transforms
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_finetune_and_eval_transforms(in_chans: int) -> None:
+    torch.manual_seed(0)
+    img = _rgb(0, (80, 60))
+    img = img.convert("L") if in_chans == 1 else img
+    ft = build_finetune_transform(64, in_chans)
+    outs = [ft(img) for _ in range(4)]
+    assert all(o.shape == (in_chans, 64, 64) and o.dtype == torch.float32 for o in outs)
+    assert not torch.equal(outs[0], outs[1])
+    ft_plain = build_finetune_transform(32, in_chans, auto_augment=None, reprob=0.0)
+    assert ft_plain(img.convert("RGB")).shape == (in_chans, 32, 32)  # an RGB input for a gray model works too
+    ev = build_eval_transform(48, in_chans=in_chans)
+    y = ev(img)
+    assert y.shape == (in_chans, 48, 48) and torch.equal(y, ev(img))
+    assert ev.transforms[0].size == 54  # 48 / 0.875 = 54.86
+    assert build_eval_transform(224).transforms[0].size == 256
+
+
+def test_finetune_rgb_ops_keep_gray_images_gray() -> None:
+    """The 1-channel finetune path relies on timm's RandAugment keeping replicated gray channels equal."""
+    torch.manual_seed(0)
+    gray = _rgb(1, (80, 60)).convert("L")
+    to_rgb, timm_tf, _ = build_finetune_transform(48, 1, reprob=0.0).transforms  # the three channels before the cut
+    for _ in range(30):
+        x = timm_tf(to_rgb(gray))
+        assert torch.allclose(x[0], x[1], atol=1e-5) and torch.allclose(x[0], x[2], atol=1e-5)
+
+
+def test_bad_in_chans() -> None:
+    with pytest.raises(ValueError, match="in_chans must be 1 or 3"):
+        build_pretrain_transform(32, in_chans=4)

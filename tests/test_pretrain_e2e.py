@@ -1,0 +1,96 @@
+"""End-to-end pretraining in real subprocesses: SIGKILL + resume equals an uninterrupted run; 2-process DDP
+(gloo, CPU) equals one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_chans=1",
+    "data.source=demo", "data.input_size=64", "data.limit=32", "data.num_workers=0",
+    "optim.lr=1e-3", "optim.epochs=2", "optim.warmup_epochs=0.5", "run.progress=false", "run.log_every=1",
+    "run.export_every_epochs=0", "run.num_vis_images=2", "run.mixed_precision=no", "run.threads=1",
+]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("FCMAE_TEST_SIGKILL_AFTER_STEP", None)
+    env.update(extra)
+    return env
+
+
+def _pretrain(out: Path, *overrides: str, env: dict[str, str] | None = None, launcher: list[str] | None = None
+              ) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + ["-m", "fcmae", "pretrain", *TINY, f"run.output_dir={out}", *overrides]
+    return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    assert ckpts, f"no checkpoint in {out}"
+    return load_file(str(ckpts[-1] / "model.safetensors"))
+
+
+def _losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "step" in r}
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    common = ["run.batch_size=4", "run.save_every_steps=3", "model.drop_path_rate=0.2", "run.keep_last=3"]
+    ref = _pretrain(tmp_path / "ref", *common)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    crashed = _pretrain(tmp_path / "run", *common, env=_env(FCMAE_TEST_SIGKILL_AFTER_STEP="6"))
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names[-1] == "step_00000006", names  # killed during step 7: the step-6 checkpoint is the newest
+    resumed = _pretrain(tmp_path / "run", *common, "run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+
+    a, b = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "run")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    la, lb = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    assert max(la) == max(lb) == 16
+    for step in range(8, 17):  # steps after the resume point match too
+        assert abs(la[step] - lb[step]) <= 1e-6 * abs(la[step]), step
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "reconstruction.png").is_file() and (tmp_path / "run" / "encoder.safetensors").is_file()
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate CLI not installed")
+def test_two_process_ddp_matches_single_process(tmp_path):
+    accel = str(Path(sys.executable).parent / "accelerate")
+    if not Path(accel).exists():
+        accel = shutil.which("accelerate")
+    single = _pretrain(tmp_path / "single", "run.batch_size=8", "run.max_steps=5")
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = [accel, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    ddp = _pretrain(tmp_path / "ddp", "run.batch_size=4", "run.max_steps=5", launcher=launcher)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 process(es)" in ddp.stderr
+    ls, ld = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    assert sorted(ls) == sorted(ld) == [1, 2, 3, 4, 5]
+    for step in ls:
+        assert abs(ls[step] - ld[step]) <= 1e-4 * abs(ls[step]), (step, ls[step], ld[step])
