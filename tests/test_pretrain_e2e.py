@@ -76,6 +76,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert (tmp_path / "run" / "reconstruction.png").is_file() and (tmp_path / "run" / "encoder.safetensors").is_file()
 
+    # `fcmae visualize` on arbitrary image files with the finished run
+    from PIL import Image
+
+    from fcmae.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(2):
+        Image.new("L", (80, 70), color=40 + 100 * i).save(tmp_path / "imgs" / f"{i}.png")
+    fig = tmp_path / "fig.png"
+    assert main(["visualize", str(tmp_path / "run"), str(tmp_path / "imgs"), "--out", str(fig)]) == 0
+    with Image.open(fig) as im:
+        assert im.width > im.height  # 4 columns, 2 rows
+
 
 @pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
                     reason="accelerate CLI not installed")
