@@ -202,3 +202,19 @@ def test_generator_makes_masks_reproducible():
     a = ours(x, generator=torch.Generator().manual_seed(3))
     b = ours(x, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["loss"], b["loss"])
+
+
+def test_custom_autograd_functions_pass_gradcheck():
+    from fcmae.models.convnextv2 import _GRNFunction
+    from fcmae.models.sparse import SparseContext, _SparseDWConv
+
+    g = torch.Generator().manual_seed(0)
+    for shape, dims in (((2, 5, 6), (1,)), ((2, 3, 4, 6), (1, 2))):
+        args = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in (shape, (6,), (6,))]
+        assert torch.autograd.gradcheck(lambda x, w, b, d=dims: _GRNFunction.apply(x, w, b, d, 1e-6), args)
+    keep = torch.tensor([[0, 3], [1, 2]])
+    ctx = SparseContext(keep, 2, 2)
+    x = torch.randn(2, 2 * 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: _SparseDWConv.apply(x, w, b, ctx.index(2), (2, 4, 4)), (x, w, b))

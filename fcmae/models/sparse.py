@@ -74,16 +74,69 @@ class SparseContext:
         return self._index[r]
 
 
+def _scatter_rows(x: Tensor, idx: Tensor, num_rows: int) -> Tensor:
+    """``(R, C)`` rows -> ``(num_rows, C)`` zeros with the rows at ``idx`` (unique indices)."""
+    out = x.new_zeros(num_rows, x.shape[-1])
+    out.index_copy_(0, idx, x)
+    return out
+
+
+def _dwconv_dtype(x: Tensor) -> torch.dtype:
+    # CPUs without AVX512-BF16/AMX run a bf16 depthwise conv ~50x slower than fp32; its FLOPs are negligible
+    return torch.float32 if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+
+
+class _SparseDWConv(torch.autograd.Function):
+    """scatter -> dense depthwise conv -> gather, with a hand-written backward.
+
+    Autograd's version of this chain zero-fills and clones full-size grids several times and turns the gather's
+    backward into a scatter-add (slow and single-threaded on CPU). Indices are unique, so plain index copies
+    suffice; the dense grid is not kept for backward (rebuilt from the tokens), which also saves memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor, shape: tuple[int, int, int]
+                ) -> Tensor:
+        n, hs, ws = shape
+        t, c = x.shape[1], x.shape[2]
+        dt = _dwconv_dtype(x)
+        xf = x.reshape(n * t, c).to(dt)
+        grid = _scatter_rows(xf, idx, n * hs * ws).view(n, hs, ws, c).permute(0, 3, 1, 2)
+        w = weight.to(dt)
+        b = bias.to(dt) if bias is not None else None
+        k = weight.shape[-1]
+        y = F.conv2d(grid, w, b, padding=k // 2, groups=c)
+        out = y.permute(0, 2, 3, 1).reshape(n * hs * ws, c).index_select(0, idx)
+        ctx.save_for_backward(x, weight, idx)
+        ctx.shape = shape
+        ctx.has_bias = bias is not None
+        return out.view(n, t, c).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, idx = ctx.saved_tensors
+        n, hs, ws = ctx.shape
+        t, c = x.shape[1], x.shape[2]
+        dt = _dwconv_dtype(x)
+        grid = _scatter_rows(x.reshape(n * t, c).to(dt), idx, n * hs * ws).view(n, hs, ws, c).permute(0, 3, 1, 2)
+        g = _scatter_rows(grad_out.reshape(n * t, c).to(dt), idx, n * hs * ws).view(n, hs, ws, c).permute(0, 3, 1, 2)
+        k = weight.shape[-1]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, grid, weight.to(dt), [c] if ctx.has_bias else None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0],
+            c, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
+        )
+        grad_x = None
+        if gx is not None:
+            grad_x = gx.permute(0, 2, 3, 1).reshape(n * hs * ws, c).index_select(0, idx).view(n, t, c).to(x.dtype)
+        gw = gw.to(weight.dtype) if gw is not None else None
+        gb = gb.to(weight.dtype) if gb is not None else None
+        return grad_x, gw, gb, None, None
+
+
 def sparse_dwconv(x: Tensor, conv: nn.Conv2d, ctx: SparseContext, r: int) -> Tensor:
     """Submanifold depthwise conv on tokens ``(N, T, C)`` -> ``(N, T, C)``: scatter, dense conv, gather."""
-    n, t, c = x.shape
-    hs, ws = ctx.grid_h * r, ctx.grid_w * r
-    idx = ctx.index(r)
-    grid = x.new_zeros(n * hs * ws, c).index_copy(0, idx, x.reshape(n * t, c))
-    grid = grid.view(n, hs, ws, c).permute(0, 3, 1, 2)  # NCHW view of channels_last memory
-    out = conv(grid)
-    out = out.permute(0, 2, 3, 1).reshape(n * hs * ws, c)
-    return out.index_select(0, idx).view(n, t, c)
+    shape = (x.shape[0], ctx.grid_h * r, ctx.grid_w * r)
+    return _SparseDWConv.apply(x, conv.weight, conv.bias, ctx.index(r), shape)
 
 
 def _layer_norm(x: Tensor, ln: nn.LayerNorm) -> Tensor:
