@@ -102,15 +102,17 @@ class _SparseDWConv(torch.autograd.Function):
         dt = _dwconv_dtype(x)
         xf = x.reshape(n * t, c).to(dt)
         grid = _scatter_rows(xf, idx, n * hs * ws).view(n, hs, ws, c).permute(0, 3, 1, 2)
-        w = weight.to(dt)
-        b = bias.to(dt) if bias is not None else None
         k = weight.shape[-1]
-        y = F.conv2d(grid, w, b, padding=k // 2, groups=c)
-        out = y.permute(0, 2, 3, 1).reshape(n * hs * ws, c).index_select(0, idx)
+        # bias added on the tokens, not in the conv: cheaper (visible positions only), and oneDNN's depthwise
+        # backward is slower when it must also produce the bias gradient
+        y = F.conv2d(grid, weight.to(dt), None, padding=k // 2, groups=c)
+        out = y.permute(0, 2, 3, 1).reshape(n * hs * ws, c).index_select(0, idx).view(n, t, c)
+        if bias is not None:
+            out = out + bias.to(dt)
         ctx.save_for_backward(x, weight, idx)
         ctx.shape = shape
         ctx.has_bias = bias is not None
-        return out.view(n, t, c).to(x.dtype)
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -121,15 +123,17 @@ class _SparseDWConv(torch.autograd.Function):
         grid = _scatter_rows(x.reshape(n * t, c).to(dt), idx, n * hs * ws).view(n, hs, ws, c).permute(0, 3, 1, 2)
         g = _scatter_rows(grad_out.reshape(n * t, c).to(dt), idx, n * hs * ws).view(n, hs, ws, c).permute(0, 3, 1, 2)
         k = weight.shape[-1]
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            g, grid, weight.to(dt), [c] if ctx.has_bias else None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0],
-            c, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]],
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            g, grid, weight.to(dt), None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0],
+            c, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
         )
         grad_x = None
         if gx is not None:
             grad_x = gx.permute(0, 2, 3, 1).reshape(n * hs * ws, c).index_select(0, idx).view(n, t, c).to(x.dtype)
         gw = gw.to(weight.dtype) if gw is not None else None
-        gb = gb.to(weight.dtype) if gb is not None else None
+        gb = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad_out.sum(dim=(0, 1), dtype=torch.promote_types(grad_out.dtype, torch.float32)).to(weight.dtype)
         return grad_x, gw, gb, None, None
 
 
