@@ -245,3 +245,147 @@ def save_config(cfg: Any, path: str | Path) -> None:
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(p)
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning
+# Defaults follow the official ConvNeXt V2 fine-tuning script (main_finetune.py) with the Base recipe.
+@dataclass
+class FinetuneModelConfig:
+    name: str = "convnextv2_base"
+    in_chans: int = 3
+    num_classes: int = 0  # 0: the number of classes in the training data
+    drop_path_rate: float = 0.1
+    head_init_scale: float = 0.001  # scales the fresh head of a model trained from scratch (no init)
+    init: str = ""  # weights to start from: any checkpoint layout `fcmae convert` reads ("" = random init)
+
+
+@dataclass
+class FinetuneDataConfig:
+    # imagenet: <path>/train and <path>/val class folders; folder: train_path / val_path class folders;
+    # fashion_mnist: train/test IDX files in `path` (default /usr/share/datasets/fashion-mnist)
+    source: Literal["imagenet", "folder", "fashion_mnist"] = "imagenet"
+    path: str = ""
+    train_path: str = ""
+    val_path: str = ""
+    input_size: int = 224
+    crop_pct: float = 0.875  # evaluation: resize the short side to input_size / crop_pct, centre crop (224/256)
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    hflip: float = 0.5
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy ("" = none)
+    color_jitter: float | None = None  # timm applies it only when auto_augment is ""
+    reprob: float = 0.25  # random erasing probability
+    remode: Literal["pixel", "rand", "const"] = "pixel"
+    recount: int = 1
+    interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
+    num_workers: int = 8
+    on_bad_image: Literal["skip", "error"] = "skip"
+    limit: int = 0  # first N training images only (0 = all), for quick experiments; applied before the budget
+    val_limit: int = 0  # first N validation images only (0 = all)
+    # label budget: a seeded, stratified subset of the training set; round(train_fraction * n_c) images of each
+    # class c, capped at labels_per_class when that is > 0 (labels_per_class alone: exactly k per class)
+    train_fraction: float = 1.0
+    labels_per_class: int = 0
+    label_seed: int = 0  # seeds the subset (independent of run.seed, so seeds can vary over the same subset)
+
+
+@dataclass
+class MixupConfig:
+    mixup: float = 0.8  # mixup alpha (0 = off)
+    cutmix: float = 1.0  # cutmix alpha (0 = off)
+    cutmix_minmax: tuple[float, float] | None = None
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    mode: Literal["batch", "pair", "elem"] = "batch"
+    smoothing: float = 0.1  # label smoothing (soft targets with mixup, LabelSmoothingCrossEntropy without)
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    warmup: bool = False  # timm's decay warmup (1 - (1 + step)^-2/3), useful for short runs
+
+
+@dataclass
+class FinetuneOptimConfig:
+    blr: float = 6.25e-4  # lr = blr * effective_batch / 256
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    epochs: int = 100
+    warmup_epochs: float = 20.0
+    layer_decay: float = 0.6  # 1.0 = off
+    layer_decay_type: Literal["single", "group"] = "group"
+    clip_grad: float | None = None
+
+
+@dataclass
+class FinetuneRunConfig:
+    output_dir: str = "output/finetune"
+    batch_size: int = 32  # per device
+    eval_batch_size: int = 0  # per device (0 = 2 x batch_size)
+    accum_iter: int = 1
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
+    resume: str = ""  # "", "auto" or a checkpoint directory
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
+    save_every_steps: int = 0
+    keep_last: int = 2
+    eval_every_epochs: int = 1
+    log_every: int = 10
+    threads: int = 0
+    progress: bool = True
+    linear_probe: bool = False  # train only the head (BatchNorm1d(affine=False) + Linear), trunk frozen
+
+
+@dataclass
+class FinetuneConfig:
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
+
+    def validate(self) -> None:
+        from fcmae.models.convnextv2 import get_variant
+
+        try:
+            get_variant(self.model.name)
+        except ValueError as exc:
+            raise ConfigError(f"model.name: {exc}") from None
+        m, d, o, x, r = self.model, self.data, self.optim, self.mixup, self.run
+        _check(m.in_chans in (1, 3), "model.in_chans", m.in_chans, "must be 1 or 3 for image data")
+        _check(m.num_classes >= 0, "model.num_classes", m.num_classes, "must be >= 0 (0 = from the data)")
+        _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", m.drop_path_rate, "must be in [0, 1)")
+        _check(d.input_size > 0 and d.input_size % 32 == 0, "data.input_size", d.input_size,
+               "must be a positive multiple of 32")
+        _check(0.0 < d.crop_pct <= 1.0, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
+        lo, hi = d.scale
+        _check(0.0 < lo <= hi <= 1.0, "data.scale", d.scale, "needs 0 < min <= max <= 1")
+        _check(0.0 <= d.reprob <= 1.0, "data.reprob", d.reprob, "must be in [0, 1]")
+        if d.source == "imagenet":
+            _check(d.path != "", "data.path", d.path, "is required for data.source=imagenet (<path>/train, /val)")
+        if d.source == "folder":
+            _check(d.train_path != "", "data.train_path", d.train_path, "is required for data.source=folder")
+            _check(d.val_path != "", "data.val_path", d.val_path, "is required for data.source=folder")
+        _check(0.0 < d.train_fraction <= 1.0, "data.train_fraction", d.train_fraction, "must be in (0, 1]")
+        _check(d.labels_per_class >= 0, "data.labels_per_class", d.labels_per_class, "must be >= 0")
+        _check(d.limit >= 0 and d.val_limit >= 0, "data.limit", (d.limit, d.val_limit), "must be >= 0")
+        _check(x.mixup >= 0 and x.cutmix >= 0, "mixup.mixup/cutmix", (x.mixup, x.cutmix), "must be >= 0")
+        _check(0.0 <= x.smoothing < 1.0, "mixup.smoothing", x.smoothing, "must be in [0, 1)")
+        mixing = x.mixup > 0 or x.cutmix > 0 or x.cutmix_minmax is not None
+        _check(not mixing or r.batch_size % 2 == 0, "run.batch_size", r.batch_size,
+               "must be even when mixup/cutmix is on (timm's Mixup pairs each sample with the flipped batch)")
+        _check(0.0 <= self.ema.decay < 1.0, "ema.decay", self.ema.decay, "must be in [0, 1)")
+        _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
+        _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+        _check(o.blr > 0 or (o.lr or 0) > 0, "optim.blr", o.blr, "must be > 0")
+        _check(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", o.layer_decay, "must be in (0, 1] (1 = off)")
+        _check(r.batch_size >= 1, "run.batch_size", r.batch_size, "must be >= 1")
+        _check(r.eval_batch_size >= 0, "run.eval_batch_size", r.eval_batch_size, "must be >= 0")
+        _check(r.accum_iter >= 1, "run.accum_iter", r.accum_iter, "must be >= 1")
+        _check(r.keep_last >= 1, "run.keep_last", r.keep_last, "must be >= 1")
+        _check(r.eval_every_epochs >= 1, "run.eval_every_epochs", r.eval_every_epochs, "must be >= 1")

@@ -136,7 +136,7 @@ def test_loss_counts_removed_patches_only(rng):
     pred = out["pred"]
     per = (pred - (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt())
     expected = (per.pow(2).mean(-1) * mask).sum() / mask.sum()
-    assert abs(float(out["loss"]) - float(expected)) < 1e-5
+    assert abs(out["loss"].item() - expected.item()) < 1e-5
     assert (pred[~mask] == 0).all()  # no prediction computed at visible cells by default
     full = ours(x, mask, predict_all=True)
     assert torch.allclose(full["pred"][mask], pred[mask], atol=1e-5)
@@ -153,7 +153,7 @@ def test_norm_pix_loss_off_uses_raw_pixels(rng):
     mask = random_masking(2, 2, 0.5, generator=rng)
     out = ours(x, mask, predict_all=True)
     expected = ((out["pred"] - patchify(x)).pow(2).mean(-1) * mask).sum() / mask.sum()
-    assert abs(float(out["loss"]) - float(expected)) < 1e-5
+    assert abs(out["loss"].item() - expected.item()) < 1e-5
     assert abs(float(out["loss"]) - float(ref(x, mask)["loss"])) < 1e-4
 
 
