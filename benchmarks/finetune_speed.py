@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,7 @@ def main() -> None:
     if args.quick:
         args.batch, args.size, args.rounds, args.steps = 4, 64, 1, 2
     script = Path(__file__).resolve()
+    load_before = os.getloadavg()[0]
     best: dict[str, float] = {}
     for rnd in range(args.rounds):
         # alternate the order each round so neither side always runs on a "warmer" machine
@@ -95,6 +97,10 @@ def main() -> None:
     for label, _, fmt in SIDES:
         print(f"| {label} | {fmt} | {best[label]:.2f} |")
     print(f"\nratio ours / timm (best timm setting: {timm_label}): {best['ours'] / best[timm_label]:.2f}x")
+    load = max(load_before, os.getloadavg()[0])
+    if load > args.threads + 0.5:
+        # other processes competing for the cores make multi-threaded steps stall unevenly: rerun on a quiet machine
+        print(f"warning: 1-min load average reached {load:.1f} on {os.cpu_count()} cores; numbers are unreliable")
 
 
 if __name__ == "__main__":
