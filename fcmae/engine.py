@@ -198,20 +198,54 @@ def train_step(
     """
     imgs, mask = batch[0], batch[1]
     with accelerator.accumulate(model):
-        loss = model(imgs, mask)["loss"]
-        all_losses = accelerator.gather(loss.detach().float().reshape(1))
-        if not bool(torch.isfinite(all_losses).all()):
-            raise NonFiniteLossError(f"non-finite loss {all_losses.tolist()}")
-        accelerator.backward(loss)
-        grad_norm = None
-        if accelerator.sync_gradients:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            if clip_grad:
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip_grad))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return backward_and_step(model(imgs, mask)["loss"], optimizer, accelerator, lr, clip_grad)
+
+
+def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, accelerator, lr: float,
+                      clip_grad: float | None = None) -> dict[str, Any]:
+    """Shared tail of every train step, inside ``accelerator.accumulate``: check the loss on all processes, backward,
+    and at accumulation boundaries set ``lr * lr_scale`` per group, clip the optimised parameters, step.
+
+    Returns ``{"loss": float (mean over processes), "stepped": bool, "grad_norm": float | None}``; raises
+    ``NonFiniteLossError`` before any update.
+    """
+    all_losses = accelerator.gather(loss.detach().float().reshape(1))
+    if not bool(torch.isfinite(all_losses).all()):
+        raise NonFiniteLossError(f"non-finite loss {all_losses.tolist()}")
+    accelerator.backward(loss)
+    grad_norm = None
+    if accelerator.sync_gradients:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if clip_grad:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = float(accelerator.clip_grad_norm_(params, clip_grad))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return {"loss": float(all_losses.mean()), "stepped": accelerator.sync_gradients, "grad_norm": grad_norm}
+
+
+def setup_run(run_cfg: Any, cfg: Any) -> tuple[Any, str, Path]:
+    """Accelerator (mixed precision, accumulation, gloo on CPU-only multi-process), seed, output dir with the merged
+    config saved by the main process. ``run_cfg`` is the config's ``run`` section. -> (accelerator, mp, out_dir)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from fcmae.config import save_config
+
+    if run_cfg.threads > 0:
+        torch.set_num_threads(run_cfg.threads)
+    mp = resolve_mixed_precision(run_cfg.mixed_precision)
+    # several processes on a machine without CUDA: accelerate only picks gloo/MULTI_CPU when told cpu=True
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=run_cfg.accum_iter,
+                              step_scheduler_with_optimizer=False, cpu=cpu_ddp)
+    set_seed(run_cfg.seed)
+    out_dir = Path(run_cfg.output_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    return accelerator, mp, out_dir
 
 
 # ------------------------------------------------------------------------------------------- logging

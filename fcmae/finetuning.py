@@ -29,19 +29,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from fcmae.config import EmaConfig, FinetuneConfig, FinetuneDataConfig, MixupConfig, save_config, to_dict
+from fcmae.config import EmaConfig, FinetuneConfig, FinetuneDataConfig, MixupConfig, to_dict
 from fcmae.engine import (
     EpochSampler,
     MetricsLogger,
     NonFiniteLossError,
+    backward_and_step,
     find_latest_checkpoint,
     lr_at,
     no_weight_decay,
     print_main,
-    resolve_mixed_precision,
     sample_seed,
     save_checkpoint,
     scaled_lr,
+    setup_run,
 )
 from fcmae.models.convnextv2 import ConvNeXtV2, create_model
 
@@ -490,21 +491,7 @@ def finetune_step(model: nn.Module, images: Tensor, labels: Tensor, optimizer: t
     if mixup_fn is not None:
         images, targets = mixup_fn(images, labels)  # targets: (B, num_classes) soft
     with accelerator.accumulate(model):
-        loss = criterion(model(images), targets)
-        all_losses = accelerator.gather(loss.detach().float().reshape(1))
-        if not bool(torch.isfinite(all_losses).all()):
-            raise NonFiniteLossError(f"non-finite loss {all_losses.tolist()}")
-        accelerator.backward(loss)
-        grad_norm = None
-        if accelerator.sync_gradients:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            if clip_grad:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                grad_norm = float(accelerator.clip_grad_norm_(params, clip_grad))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(all_losses.mean()), "stepped": accelerator.sync_gradients, "grad_norm": grad_norm}
+        return backward_and_step(criterion(model(images), targets), optimizer, accelerator, lr, clip_grad)
 
 
 # ------------------------------------------------------------------------------------------- state
@@ -545,23 +532,10 @@ def _describe_budget(data: FinetuneData, cfg: FinetuneDataConfig) -> str:
 # ------------------------------------------------------------------------------------------- the run
 def run_finetuning(cfg: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune as configured; returns a summary (paths, accuracies, throughput)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from tqdm import tqdm
 
-    if cfg.run.threads > 0:
-        torch.set_num_threads(cfg.run.threads)
-    mp = resolve_mixed_precision(cfg.run.mixed_precision)
-    # several processes on a machine without CUDA: accelerate only picks gloo/MULTI_CPU when told cpu=True
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.run.accum_iter,
-                              step_scheduler_with_optimizer=False, cpu=cpu_ddp)
-    set_seed(cfg.run.seed)
-    out_dir = Path(cfg.run.output_dir)
+    accelerator, mp, out_dir = setup_run(cfg.run, cfg)
     ckpt_root = out_dir / "checkpoints"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
 
     # data
     data = build_finetune_data(cfg.data, cfg.model.in_chans, cfg.run.seed)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fcmae.config import PretrainConfig, save_config, to_dict
+from fcmae.config import PretrainConfig, to_dict
 from fcmae.engine import (
     EpochSampler,
     MaskedSamples,
@@ -22,9 +22,9 @@ from fcmae.engine import (
     lr_at,
     param_groups,
     print_main,
-    resolve_mixed_precision,
     save_checkpoint,
     scaled_lr,
+    setup_run,
     train_step,
 )
 from fcmae.models.fcmae import FCMAE, create_fcmae
@@ -70,25 +70,12 @@ def export_encoder(model: FCMAE, cfg: PretrainConfig, path: Path, epoch: int, st
 
 def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     """Train FCMAE as configured; returns a summary (output paths, final loss, throughput)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from tqdm import tqdm
 
     from fcmae.data import build_pretrain_dataset
 
-    if cfg.run.threads > 0:
-        torch.set_num_threads(cfg.run.threads)
-    mp = resolve_mixed_precision(cfg.run.mixed_precision)
-    # several processes on a machine without CUDA: accelerate only picks gloo/MULTI_CPU when told cpu=True
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.run.accum_iter,
-                              step_scheduler_with_optimizer=False, cpu=cpu_ddp)
-    set_seed(cfg.run.seed)
-    out_dir = Path(cfg.run.output_dir)
+    accelerator, mp, out_dir = setup_run(cfg.run, cfg)
     ckpt_root = out_dir / "checkpoints"
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
 
     # data
     size = cfg.data.input_size
