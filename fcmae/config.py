@@ -1,111 +1,31 @@
-"""Typed configuration: dataclasses with the paper's defaults, YAML files, ``key=value`` overrides.
+"""Typed configuration: OmegaConf structured configs with the paper's defaults, YAML files, ``key=value`` overrides.
 
-A config is a tree of dataclasses. ``load_config(PretrainConfig, "configs/demo.yaml", ["optim.blr=1e-4"])``
-starts from the defaults, applies the YAML file, then the overrides (values parsed as YAML scalars), and
-validates every field's type and range. Unknown keys and bad values raise ``ConfigError`` naming the key.
+A config is a tree of dataclasses. ``load_config(PretrainConfig, "demo", ["optim.blr=1e-4"])`` starts from the
+defaults, merges the YAML file (a path, or the name of a config shipped in ``fcmae/configs``), then the dotlist
+overrides, and returns the dataclass object after ``validate()`` range-checked every value. OmegaConf does the
+typing (ints stay ints, ``Literal`` choices, tuples) and rejects unknown keys; every failure is a ``ConfigError``
+whose one-line message names the file and the key.
+
+The two recipes share one vocabulary: ``model``, ``data``, ``optim`` and ``run`` sections whose common keys are
+defined once in the base classes below; the recipe classes add only what is theirs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import importlib.resources
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
-
-import yaml
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
+
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message names it."""
-
-
-# --------------------------------------------------------------------------------------------- sections
-@dataclass
-class ModelConfig:
-    name: str = "convnextv2_base"
-    in_chans: int = 3
-    mask_ratio: float = 0.6
-    decoder_depth: int = 1
-    decoder_embed_dim: int = 512
-    norm_pix_loss: bool = True
-    drop_path_rate: float = 0.0
-
-
-@dataclass
-class DataConfig:
-    # demo: images shipped in the package; folder: any folder of images (recursive); imagenet: <path>/train;
-    # fashion_mnist: IDX files in `path` (default /usr/share/datasets/fashion-mnist)
-    source: Literal["demo", "folder", "imagenet", "fashion_mnist"] = "imagenet"
-    path: str = ""
-    input_size: int = 224
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    hflip: float = 0.5
-    num_workers: int = 2
-    on_bad_image: Literal["skip", "error"] = "skip"
-    limit: int = 0  # use only the first N images (0 = all), for quick experiments
-
-
-@dataclass
-class OptimConfig:
-    blr: float = 1.5e-4  # lr = blr * effective_batch / 256
-    lr: float | None = None  # absolute lr; overrides blr when set
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    epochs: int = 800
-    warmup_epochs: float = 40.0
-    clip_grad: float | None = None
-
-
-@dataclass
-class RunConfig:
-    output_dir: str = "output/pretrain"
-    batch_size: int = 64  # per device
-    accum_iter: int = 1  # gradient accumulation steps
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"  # auto: bf16 on GPUs that support it, else no
-    resume: str = ""  # "", "auto" (newest complete checkpoint in output_dir) or a checkpoint directory
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
-    save_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends only)
-    keep_last: int = 2
-    export_every_epochs: int = 50  # export encoder weights + reconstruction figure every N epochs (and at the end)
-    log_every: int = 10
-    num_vis_images: int = 6
-    threads: int = 0  # torch intra-op threads on CPU (0 = library default)
-    progress: bool = True
-
-
-@dataclass
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    def validate(self) -> None:
-        from fcmae.models.convnextv2 import get_variant
-
-        try:
-            get_variant(self.model.name)
-        except ValueError as exc:
-            raise ConfigError(f"model.name: {exc}") from None
-        _check(0.0 <= self.model.mask_ratio < 1.0, "model.mask_ratio", self.model.mask_ratio, "must be in [0, 1)")
-        _check(self.model.in_chans >= 1, "model.in_chans", self.model.in_chans, "must be >= 1")
-        _check(self.data.input_size > 0 and self.data.input_size % 32 == 0, "data.input_size",
-               self.data.input_size, "must be a positive multiple of 32")
-        lo, hi = self.data.crop_scale
-        _check(0.0 < lo <= hi <= 1.0, "data.crop_scale", self.data.crop_scale, "needs 0 < min <= max <= 1")
-        _check(self.data.source == "demo" or self.data.path != "" or self.data.source == "fashion_mnist",
-               "data.path", self.data.path, f"is required for data.source={self.data.source}")
-        _check(self.run.batch_size >= 1, "run.batch_size", self.run.batch_size, "must be >= 1")
-        _check(self.run.accum_iter >= 1, "run.accum_iter", self.run.accum_iter, "must be >= 1")
-        _check(self.optim.epochs >= 1, "optim.epochs", self.optim.epochs, "must be >= 1")
-        _check(self.optim.blr > 0 or (self.optim.lr or 0) > 0, "optim.blr", self.optim.blr, "must be > 0")
-        _check(self.run.keep_last >= 1, "run.keep_last", self.run.keep_last, "must be >= 1")
 
 
 def _check(ok: bool, key: str, value: Any, why: str) -> None:
@@ -113,173 +33,175 @@ def _check(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r} {why}")
 
 
-# --------------------------------------------------------------------------------------------- machinery
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is Literal:
-        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
-            value = {False: "no", True: "yes"}[value]  # YAML 1.1 reads a bare no/yes as a bool
-        if value not in args:
-            raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.strip("()[]").split(",") if v.strip()]
-            value = [yaml.safe_load(v) for v in value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} must be a list")
-        if args and args[-1] is not Ellipsis and len(value) != len(args):
-            raise ConfigError(f"{key}={value!r} must have {len(args)} items")
-        item_types = [args[0]] * len(value) if (args and args[-1] is Ellipsis) else list(args)
-        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} must be true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}={value!r} must be an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} must be a number")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}={value!r} must be a string")
-    raise ConfigError(f"{key}: unsupported type {tp}")
+# --------------------------------------------------------------------------------------------- shared sections
+@dataclass
+class ModelConfig:
+    name: str = "convnextv2_base"
+    in_chans: int = 3
+    drop_path_rate: float = 0.0
 
 
-def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in data.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; known keys here: {sorted(names)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _apply(current, value, f"{full}.")
-        else:
-            setattr(obj, key, _coerce(value, hints[key], full))
+@dataclass
+class DataConfig:
+    source: str = "imagenet"
+    path: str = ""
+    input_size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    hflip: float = 0.5
+    num_workers: int = 2
+    on_bad_image: Literal["skip", "error"] = "skip"
+    limit: int = 0  # use only the first N training images (0 = all), for quick experiments
 
 
-def set_override(cfg: Any, item: str) -> None:
-    """Apply one ``section.key=value`` override (value parsed as YAML)."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.blr=1e-4)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    nested: dict[str, Any] = {}
-    node = nested
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    _apply(cfg, nested)
+@dataclass
+class OptimConfig:
+    """AdamW with a per-step schedule: linear warmup, then half-cosine to ``min_lr``.
+
+    The schedule is sized in epochs (``epochs``, ``warmup_epochs``) unless ``steps`` / ``warmup_steps`` are set,
+    which size it in optimizer steps (so a short run still completes its cosine).
+    """
+
+    blr: float = 1.5e-4  # lr = blr * effective_batch / 256
+    lr: float | None = None  # absolute lr; overrides blr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    epochs: int = 800
+    warmup_epochs: float = 40.0
+    steps: int | None = None  # total optimizer steps (None: epochs x steps per epoch)
+    warmup_steps: int | None = None  # None: warmup_epochs x steps per epoch
+    clip_grad: float | None = None
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults <- YAML file <- ``key=value`` overrides; then ``validate()``."""
-    cfg = cls()
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        try:
-            _apply(cfg, data)
-        except ConfigError as exc:
-            raise ConfigError(f"{p}: {exc}") from None
-    for item in overrides or []:
-        set_override(cfg, item)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+@dataclass
+class RunConfig:
+    output_dir: str = "output/run"
+    batch_size: int = 64  # per device
+    accum_iter: int = 1  # gradient accumulation steps
+    seed: int = 0
+    mixed_precision: str = "auto"  # no | bf16 | fp16 | auto (bf16 on GPUs that support it, else no)
+    resume: str = ""  # "", "auto" (newest complete checkpoint in output_dir) or a checkpoint directory
+    overwrite: bool = False  # start fresh in an output_dir that holds another run's outputs
+    max_steps: int = 0  # stop after this many optimizer steps without changing the schedule (0 = run it all)
+    save_every_steps: int = 0  # also checkpoint every N optimizer steps (0 = epoch ends and the end only)
+    save_every_epochs: int = 1  # checkpoint every N epochs (and always at the end)
+    keep_last: int = 2
+    log_every: int = 10
+    threads: int = 0  # torch intra-op threads on CPU (0 = library default)
+    progress: bool = True
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists) for YAML/JSON."""
+def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
+    """Range checks of the shared sections (the recipe classes add theirs)."""
+    from fcmae.models.convnextv2 import get_variant
 
-    def conv(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
+    m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
+    try:
+        get_variant(m.name)
+    except ValueError as exc:
+        raise ConfigError(f"model.name: {exc}") from None
+    _check(m.in_chans in (1, 3), "model.in_chans", m.in_chans, "must be 1 or 3 (images are decoded to gray or RGB)")
+    _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", m.drop_path_rate, "must be in [0, 1)")
+    _check(d.source in sources, "data.source", d.source, f"is not one of {list(sources)}")
+    _check(d.input_size > 0 and d.input_size % 32 == 0, "data.input_size", d.input_size,
+           "must be a positive multiple of 32")
+    lo, hi = d.crop_scale
+    _check(0.0 < lo <= hi <= 1.0, "data.crop_scale", d.crop_scale, "needs 0 < min <= max <= 1")
+    _check(0.0 <= d.hflip <= 1.0, "data.hflip", d.hflip, "must be in [0, 1]")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.limit >= 0, "data.limit", d.limit, "must be >= 0 (0 = all)")
+    _check(o.blr > 0 or (o.lr or 0) > 0, "optim.blr", o.blr, "must be > 0")
+    _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "must be > 0 (or null to use optim.blr)")
+    _check(0.0 <= o.min_lr, "optim.min_lr", o.min_lr, "must be >= 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", o.betas, "must be in [0, 1)")
+    _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
+    _check(o.steps is None or o.steps >= 1, "optim.steps", o.steps, "must be >= 1 (or null to use optim.epochs)")
+    _check(o.warmup_steps is None or o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    _check(o.clip_grad is None or o.clip_grad > 0, "optim.clip_grad", o.clip_grad, "must be > 0 (or null: off)")
+    if r.mixed_precision == "False":  # YAML 1.1 reads a bare `no` as false
+        r.mixed_precision = "no"
+    _check(r.mixed_precision in MIXED_PRECISION, "run.mixed_precision", r.mixed_precision,
+           f"is not one of {list(MIXED_PRECISION)}")
+    for key in ("batch_size", "accum_iter", "keep_last", "log_every", "save_every_epochs"):
+        _check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), "must be >= 1")
+    for key in ("max_steps", "save_every_steps", "threads"):
+        _check(getattr(r, key) >= 0, f"run.{key}", getattr(r, key), "must be >= 0 (0 = off)")
+    _check(r.output_dir.strip() != "", "run.output_dir", r.output_dir, "must not be empty")
+    _check(r.resume in ("", "auto") or not r.overwrite, "run.overwrite", r.overwrite,
+           "cannot be combined with run.resume")
 
-    return conv(dataclasses.asdict(cfg))
+
+# --------------------------------------------------------------------------------------------- pretraining
+@dataclass
+class PretrainModelConfig(ModelConfig):
+    mask_ratio: float = 0.6
+    decoder_depth: int = 1
+    decoder_embed_dim: int = 512
+    norm_pix_loss: bool = True
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the merged config as YAML (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+@dataclass
+class PretrainDataConfig(DataConfig):
+    # demo: images shipped in the package; folder: any folder of images (recursive); imagenet: <path>/train;
+    # fashion_mnist: IDX files in `path` (default /usr/share/datasets/fashion-mnist)
+    source: str = "imagenet"
+
+
+@dataclass
+class PretrainRunConfig(RunConfig):
+    output_dir: str = "output/pretrain"
+    export_every_epochs: int = 50  # export encoder weights + reconstruction figure every N epochs (and at the end)
+    num_vis_images: int = 6
+
+
+@dataclass
+class PretrainConfig:
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
+
+    def validate(self) -> None:
+        _validate_common(self, ("demo", "folder", "imagenet", "fashion_mnist"))
+        m, d, r = self.model, self.data, self.run
+        _check(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "must be in [0, 1)")
+        _check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth, "must be >= 0")
+        _check(m.decoder_embed_dim >= 1, "model.decoder_embed_dim", m.decoder_embed_dim, "must be >= 1")
+        _check(d.source in ("demo", "fashion_mnist") or d.path != "", "data.path", d.path,
+               f"is required for data.source={d.source}")
+        _check(r.export_every_epochs >= 0, "run.export_every_epochs", r.export_every_epochs, "must be >= 0")
+        _check(r.num_vis_images >= 1, "run.num_vis_images", r.num_vis_images, "must be >= 1")
 
 
 # --------------------------------------------------------------------------------------------- fine-tuning
 # Defaults follow the official ConvNeXt V2 fine-tuning script (main_finetune.py) with the Base recipe.
 @dataclass
-class FinetuneModelConfig:
-    name: str = "convnextv2_base"
-    in_chans: int = 3
-    num_classes: int = 0  # 0: the number of classes in the training data
+class FinetuneModelConfig(ModelConfig):
     drop_path_rate: float = 0.1
+    num_classes: int = 0  # 0: the number of classes in the training data
     head_init_scale: float = 0.001  # scales the fresh head of a model trained from scratch (no init)
     init: str = ""  # weights to start from: any checkpoint layout `fcmae convert` reads ("" = random init)
 
 
 @dataclass
-class FinetuneDataConfig:
+class FinetuneDataConfig(DataConfig):
     # imagenet: <path>/train and <path>/val class folders; folder: train_path / val_path class folders;
     # fashion_mnist: train/test IDX files in `path` (default /usr/share/datasets/fashion-mnist)
-    source: Literal["imagenet", "folder", "fashion_mnist"] = "imagenet"
-    path: str = ""
+    source: str = "imagenet"
     train_path: str = ""
     val_path: str = ""
-    input_size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    num_workers: int = 8
     crop_pct: float = 0.875  # evaluation: resize the short side to input_size / crop_pct, centre crop (224/256)
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    hflip: float = 0.5
     auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy ("" = none)
     color_jitter: float | None = None  # timm applies it only when auto_augment is ""
     reprob: float = 0.25  # random erasing probability
     remode: Literal["pixel", "rand", "const"] = "pixel"
     recount: int = 1
     interpolation: Literal["bicubic", "bilinear", "random"] = "bicubic"
-    num_workers: int = 8
-    on_bad_image: Literal["skip", "error"] = "skip"
-    limit: int = 0  # first N training images only (0 = all), for quick experiments; applied before the budget
     val_limit: int = 0  # first N validation images only (0 = all)
     # label budget: a seeded, stratified subset of the training set; round(train_fraction * n_c) images of each
     # class c, capped at labels_per_class when that is > 0 (labels_per_class alone: exactly k per class)
@@ -307,36 +229,24 @@ class EmaConfig:
 
 
 @dataclass
-class FinetuneOptimConfig:
-    blr: float = 6.25e-4  # lr = blr * effective_batch / 256
-    lr: float | None = None  # absolute lr; overrides blr when set
+class FinetuneOptimConfig(OptimConfig):
+    blr: float = 6.25e-4
     min_lr: float = 1e-6
-    weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
     epochs: int = 100
     warmup_epochs: float = 20.0
     layer_decay: float = 0.6  # 1.0 = off
+    # single: one layer per block (the stem with the first block, as the official optim_factory); group: the
+    # official rule for base/large/huge (stage 2 in groups of three blocks); see ConvNeXtV2.group_matcher
     layer_decay_type: Literal["single", "group"] = "group"
-    clip_grad: float | None = None
 
 
 @dataclass
-class FinetuneRunConfig:
+class FinetuneRunConfig(RunConfig):
     output_dir: str = "output/finetune"
-    batch_size: int = 32  # per device
+    batch_size: int = 32
     eval_batch_size: int = 0  # per device (0 = 2 x batch_size)
-    accum_iter: int = 1
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
-    resume: str = ""  # "", "auto" or a checkpoint directory
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run all epochs)
-    save_every_steps: int = 0
-    keep_last: int = 2
     eval_every_epochs: int = 1
-    log_every: int = 10
-    threads: int = 0
-    progress: bool = True
     linear_probe: bool = False  # train only the head (BatchNorm1d(affine=False) + Linear), trunk frozen
 
 
@@ -350,22 +260,12 @@ class FinetuneConfig:
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
     def validate(self) -> None:
-        from fcmae.models.convnextv2 import get_variant
-
-        try:
-            get_variant(self.model.name)
-        except ValueError as exc:
-            raise ConfigError(f"model.name: {exc}") from None
+        _validate_common(self, ("imagenet", "folder", "fashion_mnist"))
         m, d, o, x, r = self.model, self.data, self.optim, self.mixup, self.run
-        _check(m.in_chans in (1, 3), "model.in_chans", m.in_chans, "must be 1 or 3 for image data")
         _check(m.num_classes >= 0, "model.num_classes", m.num_classes, "must be >= 0 (0 = from the data)")
-        _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", m.drop_path_rate, "must be in [0, 1)")
-        _check(d.input_size > 0 and d.input_size % 32 == 0, "data.input_size", d.input_size,
-               "must be a positive multiple of 32")
         _check(0.0 < d.crop_pct <= 1.0, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
-        lo, hi = d.scale
-        _check(0.0 < lo <= hi <= 1.0, "data.scale", d.scale, "needs 0 < min <= max <= 1")
         _check(0.0 <= d.reprob <= 1.0, "data.reprob", d.reprob, "must be in [0, 1]")
+        _check(d.recount >= 1, "data.recount", d.recount, "must be >= 1")
         if d.source == "imagenet":
             _check(d.path != "", "data.path", d.path, "is required for data.source=imagenet (<path>/train, /val)")
         if d.source == "folder":
@@ -373,19 +273,112 @@ class FinetuneConfig:
             _check(d.val_path != "", "data.val_path", d.val_path, "is required for data.source=folder")
         _check(0.0 < d.train_fraction <= 1.0, "data.train_fraction", d.train_fraction, "must be in (0, 1]")
         _check(d.labels_per_class >= 0, "data.labels_per_class", d.labels_per_class, "must be >= 0")
-        _check(d.limit >= 0 and d.val_limit >= 0, "data.limit", (d.limit, d.val_limit), "must be >= 0")
+        _check(d.val_limit >= 0, "data.val_limit", d.val_limit, "must be >= 0")
         _check(x.mixup >= 0 and x.cutmix >= 0, "mixup.mixup/cutmix", (x.mixup, x.cutmix), "must be >= 0")
         _check(0.0 <= x.smoothing < 1.0, "mixup.smoothing", x.smoothing, "must be in [0, 1)")
         mixing = x.mixup > 0 or x.cutmix > 0 or x.cutmix_minmax is not None
         _check(not mixing or r.batch_size % 2 == 0, "run.batch_size", r.batch_size,
                "must be even when mixup/cutmix is on (timm's Mixup pairs each sample with the flipped batch)")
         _check(0.0 <= self.ema.decay < 1.0, "ema.decay", self.ema.decay, "must be in [0, 1)")
-        _check(o.epochs >= 1, "optim.epochs", o.epochs, "must be >= 1")
-        _check(o.warmup_epochs >= 0, "optim.warmup_epochs", o.warmup_epochs, "must be >= 0")
-        _check(o.blr > 0 or (o.lr or 0) > 0, "optim.blr", o.blr, "must be > 0")
         _check(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", o.layer_decay, "must be in (0, 1] (1 = off)")
-        _check(r.batch_size >= 1, "run.batch_size", r.batch_size, "must be >= 1")
         _check(r.eval_batch_size >= 0, "run.eval_batch_size", r.eval_batch_size, "must be >= 0")
-        _check(r.accum_iter >= 1, "run.accum_iter", r.accum_iter, "must be >= 1")
-        _check(r.keep_last >= 1, "run.keep_last", r.keep_last, "must be >= 1")
         _check(r.eval_every_epochs >= 1, "run.eval_every_epochs", r.eval_every_epochs, "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------- loading
+def packaged_configs() -> Path:
+    """The folder of YAML configs shipped inside the package (``fcmae/configs``)."""
+    return Path(str(importlib.resources.files("fcmae") / "configs"))
+
+
+def resolve_config_path(name: str | os.PathLike[str]) -> Path:
+    """A YAML path as given when it exists, else a config shipped in the package, found by name.
+
+    ``demo``, ``demo.yaml``, ``configs/demo.yaml``, ``pretrain/convnextv2_atto`` and
+    ``configs/finetune/fashion_mnist.yaml`` all name packaged configs, so the README's commands work from any
+    directory after a plain ``pip install``.
+    """
+    p = Path(name)
+    if p.is_file():
+        return p
+    rel = p.as_posix()
+    rel = rel[len("configs/"):] if rel.startswith("configs/") else rel
+    candidate = packaged_configs() / (rel if rel.endswith((".yaml", ".yml")) else f"{rel}.yaml")
+    if candidate.is_file():
+        return candidate
+    shipped = sorted(str(q.relative_to(packaged_configs()).with_suffix("")) for q in packaged_configs().rglob("*.yaml"))
+    raise ConfigError(f"config file not found: {name} (not a file, nor a packaged config: {', '.join(shipped)})")
+
+
+def _omegaconf_message(exc: Exception) -> str:
+    """OmegaConf's multi-line message -> ``key: problem`` on one line."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    return f"{key}: {first}" if key else first
+
+
+def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults <- YAML file (path or packaged name) <- ``key=value`` overrides; then ``validate()``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(cls)
+    if path:
+        p = resolve_config_path(path)
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(p))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{p}: {_omegaconf_message(exc)}") from None
+        except Exception as exc:  # YAML syntax errors, a mapping that is not a mapping ...
+            raise ConfigError(f"{p}: not a valid config: {str(exc).splitlines()[0]}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.blr=1e-4)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override {item!r}: {_omegaconf_message(exc)}") from None
+    cfg = OmegaConf.to_object(merged)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg  # type: ignore[return-value]
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """A config object from a plain nested dict (e.g. the ``config`` metadata of an export), validated."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(data)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    cfg.validate()
+    return cfg  # type: ignore[return-value]
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def config_yaml(cfg: Any) -> str:
+    """The merged config as YAML text."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
+    """Write the merged config as YAML (atomically)."""
+    from fcmae.checkpoint import write_text_atomic
+
+    return write_text_atomic(path, config_yaml(cfg))

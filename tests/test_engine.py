@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 
-from fcmae.engine import EpochSampler, MaskedSamples, find_latest_checkpoint, lr_at, param_groups, scaled_lr
+from fcmae.checkpoint import find_latest_checkpoint
+from fcmae.data import EpochSampler, SeededSamples
 from fcmae.models.fcmae import create_fcmae
+from fcmae.trainer import lr_at, param_groups, scaled_lr
 
 
 def test_weight_decay_groups():
     model = create_fcmae("convnextv2_test", decoder_embed_dim=32)
-    groups = param_groups(model, 0.05)
+    groups = sorted(param_groups(model, 0.05), key=lambda g: -g["weight_decay"])
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)] for p in groups[0]["params"]}
     no_decay = {names[id(p)] for p in groups[1]["params"]}
-    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0 and len(groups) == 2
     assert decay | no_decay == set(names.values()) and not decay & no_decay
     params = dict(model.named_parameters())
     # exactly the conv/linear weights decay; every bias, LayerNorm, GRN parameter and the mask token does not
@@ -58,7 +61,7 @@ class _Noise(torch.utils.data.Dataset):
 
 
 def test_masked_samples_reproducible_per_index_and_epoch():
-    ds = MaskedSamples(_Noise(), (2, 2), 0.5, seed=0)
+    ds = SeededSamples(_Noise(), seed=0, labelled=False, mask_grid=(2, 2), mask_ratio=0.5)
     x1, m1, _ = ds[3]
     torch.rand(5)  # global RNG state must not matter
     x2, m2, _ = ds[3]
@@ -68,9 +71,20 @@ def test_masked_samples_reproducible_per_index_and_epoch():
     assert not torch.equal(ds[3][0], x1)
 
 
-def test_find_latest_checkpoint_ignores_temp_dirs(tmp_path):
+def _complete(d, files=None):
+    d.mkdir()
+    for name, data in (files or {}).items():
+        (d / name).write_bytes(data)
+    manifest = {"step": 0, "files": {n: len(b) for n, b in (files or {}).items()}}
+    (d / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_find_latest_checkpoint_ignores_temp_and_incomplete_dirs(tmp_path):
     assert find_latest_checkpoint(tmp_path) is None
-    (tmp_path / "step_00000002").mkdir()
-    (tmp_path / "step_00000010").mkdir()
+    _complete(tmp_path / "step_00000002")
+    _complete(tmp_path / "step_00000010", {"model.safetensors": b"abc"})
     (tmp_path / ".tmp_step_00000020").mkdir()
+    (tmp_path / "step_00000030").mkdir()  # no manifest: an interrupted save
     assert find_latest_checkpoint(tmp_path).name == "step_00000010"
+    (tmp_path / "step_00000010" / "model.safetensors").write_bytes(b"ab")  # truncated
+    assert find_latest_checkpoint(tmp_path).name == "step_00000002"

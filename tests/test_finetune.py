@@ -18,80 +18,71 @@ from safetensors.torch import load_file
 from torch import nn
 
 from fcmae.config import ConfigError, EmaConfig, FinetuneConfig, MixupConfig, load_config
-from fcmae.finetuning import (
-    LabeledSamples,
-    build_ema,
-    build_mixup_and_loss,
-    enable_linear_probe,
-    finetune_param_groups,
-    fold_probe_head,
-    layer_decay_table,
-    layer_id,
-    load_init_weights,
-    num_layer_ids,
-    run_finetuning,
-    stratified_subset,
-)
+from fcmae.data import SeededSamples, stratified_subset
+from fcmae.finetuning import build_ema, build_mixup_and_loss, enable_linear_probe, run_finetuning
 from fcmae.io import save_state_dict
 from fcmae.models.convnextv2 import create_model
+from fcmae.trainer import param_groups
+from fcmae.weights import WeightsError, fold_probe_head, load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------------------- layer decay
-def test_layer_decay_single_atto():
-    model = create_model("convnextv2_atto", num_classes=10)  # depths (2, 2, 6, 2): blocks 1..12, head 13
-    table = layer_decay_table(model, 0.9, "single")
-    assert num_layer_ids(model.depths, "single") == 13
-    expected_ids = {
-        "downsample_layers.0.0.weight": 0, "downsample_layers.0.1.bias": 0,  # stem
-        "stages.0.0.dwconv.weight": 1, "stages.0.1.grn.gamma": 2,
-        "downsample_layers.1.0.weight": 3, "downsample_layers.1.1.weight": 3, "stages.1.0.pwconv1.weight": 3,
-        "stages.1.1.norm.bias": 4,
-        "downsample_layers.2.1.bias": 5, "stages.2.0.pwconv2.weight": 5, "stages.2.5.dwconv.bias": 10,
-        "downsample_layers.3.1.weight": 11, "stages.3.0.grn.beta": 11, "stages.3.1.pwconv2.bias": 12,
-        "norm.weight": 13, "head.weight": 13, "head.bias": 13,
+def _layer_table(model: nn.Module, decay: float, coarse: bool) -> dict[str, tuple[int, float]]:
+    """Parameter name -> (layer id, lr scale) from the optimizer groups; ids recovered from the scales."""
+    groups = param_groups(model, 0.05, decay, coarse)
+    names = {id(p): n for n, p in model.named_parameters()}
+    last = max(round(math.log(g["lr_scale"]) / math.log(decay)) for g in groups)
+    return {names[id(p)]: (last - round(math.log(g["lr_scale"]) / math.log(decay)), g["lr_scale"])
+            for g in groups for p in g["params"]}
+
+
+def test_layer_decay_single_atto_matches_the_official_rule():
+    model = create_model("convnextv2_atto", num_classes=10)  # depths (2, 2, 6, 2): blocks 0..11, head 12
+    table = _layer_table(model, 0.9, coarse=False)
+    expected_ids = {  # official optim_factory (single): the stem shares the first block's layer
+        "downsample_layers.0.0.weight": 0, "downsample_layers.0.1.bias": 0,
+        "stages.0.0.dwconv.weight": 0, "stages.0.1.grn.gamma": 1,
+        "downsample_layers.1.0.weight": 2, "downsample_layers.1.1.weight": 2, "stages.1.0.pwconv1.weight": 2,
+        "stages.1.1.norm.bias": 3,
+        "downsample_layers.2.1.bias": 4, "stages.2.0.pwconv2.weight": 4, "stages.2.5.dwconv.bias": 9,
+        "downsample_layers.3.1.weight": 10, "stages.3.0.grn.beta": 10, "stages.3.1.pwconv2.bias": 11,
+        "norm.weight": 12, "head.weight": 12, "head.bias": 12,
     }
     for name, lid in expected_ids.items():
         assert table[name][0] == lid, name
-        assert table[name][1] == pytest.approx(0.9 ** (13 - lid)), name
+        assert table[name][1] == pytest.approx(0.9 ** (12 - lid)), name
     assert set(table) == {n for n, _ in model.named_parameters()}
-    assert {lid for lid, _ in table.values()} == set(range(14))
+    assert {lid for lid, _ in table.values()} == set(range(13))
 
 
-def test_layer_decay_group_base_on_meta_device():
+def test_layer_decay_group_base_matches_the_official_ids():
     with torch.device("meta"):
         model = create_model("convnextv2_base")  # depths (3, 3, 27, 3): the official 0..13
-    depths = model.depths
-    assert num_layer_ids(depths, "group") == 13
-    assert layer_id("downsample_layers.0.1.weight", depths, "group") == 0
-    assert all(layer_id(f"stages.0.{j}.dwconv.weight", depths, "group") == 1 for j in range(3))
-    assert layer_id("downsample_layers.1.1.weight", depths, "group") == 2
-    assert layer_id("stages.1.2.pwconv1.weight", depths, "group") == 2
-    assert layer_id("downsample_layers.2.0.bias", depths, "group") == 3
-    stage2 = [layer_id(f"stages.2.{j}.norm.weight", depths, "group") for j in range(27)]
-    assert stage2 == [3 + j // 3 for j in range(27)]
-    assert layer_id("downsample_layers.3.1.weight", depths, "group") == 12
-    assert layer_id("stages.3.2.grn.gamma", depths, "group") == 12
-    assert layer_id("norm.bias", depths, "group") == layer_id("head.weight", depths, "group") == 13
-    table = layer_decay_table(model, 0.6, "group")
+    ids = {n: lid for n, (lid, _) in _layer_table(model, 0.6, coarse=True).items()}
+    assert ids["downsample_layers.0.1.weight"] == 0
+    assert all(ids[f"stages.0.{j}.dwconv.weight"] == 1 for j in range(3))
+    assert ids["downsample_layers.1.1.weight"] == 2 and ids["stages.1.2.pwconv1.weight"] == 2
+    assert ids["downsample_layers.2.0.bias"] == 3
+    assert [ids[f"stages.2.{j}.norm.weight"] for j in range(27)] == [3 + j // 3 for j in range(27)]
+    assert ids["downsample_layers.3.1.weight"] == 12 and ids["stages.3.2.grn.gamma"] == 12
+    assert ids["norm.bias"] == ids["head.weight"] == 13
+    table = _layer_table(model, 0.6, coarse=True)
     assert table["head.weight"][1] == 1.0
     assert table["stages.3.0.dwconv.weight"][1] == pytest.approx(0.6)
     assert table["downsample_layers.0.0.weight"][1] == pytest.approx(0.6 ** 13)
-    # single on base: 36 blocks, the head is layer 37
-    assert layer_id("stages.2.26.dwconv.weight", depths, "single") == 3 + 3 + 26 + 1
-    assert layer_id("head.bias", depths, "single") == num_layer_ids(depths, "single") == 37
+    single = {n: lid for n, (lid, _) in _layer_table(model, 0.6, coarse=False).items()}
+    assert single["stages.2.26.dwconv.weight"] == 3 + 3 + 26 and single["head.bias"] == 36  # 36 blocks, head 36
 
 
 def test_param_groups_weight_decay_and_scales():
     model = create_model("convnextv2_test", num_classes=5)
     model.downsample_layers[0].requires_grad_(False)  # frozen parameters are left out
-    groups = finetune_param_groups(model, 0.05, 0.8, "single")
+    groups = param_groups(model, 0.05, 0.8)
     names = {id(p): n for n, p in model.named_parameters()}
     seen = set()
-    last = num_layer_ids(model.depths, "single")
     for g in groups:
-        assert g["lr_scale"] == pytest.approx(0.8 ** (last - g["layer_id"]))
         for p in g["params"]:
             n = names[id(p)]
             seen.add(n)
@@ -100,8 +91,9 @@ def test_param_groups_weight_decay_and_scales():
     assert "stages.0.0.grn.gamma" in seen and "norm.weight" in seen
     assert not any(n.startswith("downsample_layers.0.") for n in seen)
     assert len(seen) == sum(1 for _, p in model.named_parameters() if p.requires_grad)
-    flat = finetune_param_groups(create_model("convnextv2_test", num_classes=5), 0.05, 1.0)
-    assert all(g["lr_scale"] == 1.0 for g in flat)
+    assert max(g["lr_scale"] for g in groups) == 1.0 and min(g["lr_scale"] for g in groups) < 1.0
+    flat = param_groups(create_model("convnextv2_test", num_classes=5), 0.05, 1.0)
+    assert all(g.get("lr_scale", 1.0) == 1.0 for g in flat)
 
 
 # ------------------------------------------------------------------------------------------- EMA
@@ -147,7 +139,7 @@ def test_head_reinit_absent_wrong_shape_and_kept(tmp_path):
     enc["mask_token"] = torch.zeros(1, 32, 1, 1)
     save_state_dict(tmp_path / "enc.safetensors", enc)
     m = create_model("convnextv2_test", num_classes=4)
-    info = load_init_weights(m, tmp_path / "enc.safetensors")
+    info = load_weights(m, tmp_path / "enc.safetensors")
     assert info["layout"] == "fcmae" and info["head_reset"]
     assert info["fresh"] == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
     assert torch.equal(m.stages[2][1].pwconv1.weight, src.stages[2][1].pwconv1.weight)
@@ -158,23 +150,23 @@ def test_head_reinit_absent_wrong_shape_and_kept(tmp_path):
 
     save_state_dict(tmp_path / "full.safetensors", src.state_dict())
     m = create_model("convnextv2_test", num_classes=4)  # wrong head shape (7 classes in the file)
-    info = load_init_weights(m, tmp_path / "full.safetensors")
+    info = load_weights(m, tmp_path / "full.safetensors")
     assert info["head_reset"] and info["fresh"] == ["head.weight", "head.bias"]
     assert torch.equal(m.norm.weight, src.norm.weight)
     assert float(m.head.weight.detach().abs().max()) < 2e-4 and torch.equal(m.head.bias, torch.zeros(4))
 
     m = create_model("convnextv2_test", num_classes=7)  # right shape: kept
-    info = load_init_weights(m, tmp_path / "full.safetensors")
+    info = load_weights(m, tmp_path / "full.safetensors")
     assert not info["head_reset"] and info["fresh"] == []
     for k, v in src.state_dict().items():
         assert torch.equal(m.state_dict()[k], v), k
 
     m1 = create_model("convnextv2_test", num_classes=7, in_chans=1)  # RGB weights -> gray stem (summed)
-    assert load_init_weights(m1, tmp_path / "full.safetensors")["adapted_stem"]
+    assert load_weights(m1, tmp_path / "full.safetensors")["adapted_stem"]
     torch.testing.assert_close(m1.downsample_layers[0][0].weight, src.downsample_layers[0][0].weight.sum(1, True))
 
-    with pytest.raises(ValueError, match="do not fit"):
-        load_init_weights(create_model("convnextv2_atto", num_classes=7), tmp_path / "full.safetensors")
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_weights(create_model("convnextv2_atto", num_classes=7), tmp_path / "full.safetensors")
 
 
 def test_linear_probe_freezes_trunk_and_folds_head():
@@ -245,7 +237,7 @@ def test_labeled_samples_seeded_per_index_and_epoch():
 
             return torch.rand(2) + np.random.rand() + random.random(), i
 
-    ds = LabeledSamples(Noisy(), [3, 1, 2], seed=5)
+    ds = SeededSamples(Noisy(), [3, 1, 2], seed=5)
     a = ds[1]
     torch.rand(5)
     np.random.rand(3)
@@ -256,7 +248,7 @@ def test_labeled_samples_seeded_per_index_and_epoch():
 
 # ------------------------------------------------------------------------------------------- configs
 def test_configs_load_with_official_values():
-    cfgs = {v: load_config(FinetuneConfig, ROOT / f"configs/finetune/convnextv2_{v}.yaml")
+    cfgs = {v: load_config(FinetuneConfig, f"finetune/convnextv2_{v}")
             for v in ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")}
     a, t, b = cfgs["atto"], cfgs["tiny"], cfgs["base"]
     assert (a.optim.blr, a.optim.epochs, a.optim.warmup_epochs, a.optim.layer_decay_type, a.optim.layer_decay,
@@ -272,7 +264,7 @@ def test_configs_load_with_official_values():
         assert c.data.reprob == 0.25 and c.ema.enabled and c.ema.decay == 0.9999
         assert c.data.auto_augment == "rand-m9-mstd0.5-inc1" and c.run.mixed_precision == "auto"
         assert c.run.batch_size * 8 * c.run.accum_iter == 1024  # one 8-GPU node
-    fm = load_config(FinetuneConfig, ROOT / "configs/finetune/fashion_mnist.yaml")
+    fm = load_config(FinetuneConfig, "configs/finetune/fashion_mnist.yaml")
     assert fm.model.in_chans == 1 and fm.data.source == "fashion_mnist" and fm.data.input_size == 64
 
 

@@ -1,5 +1,5 @@
-"""End-to-end pretraining in real subprocesses: SIGKILL + resume equals an uninterrupted run; 2-process DDP
-(gloo, CPU) equals one process with the same global batch."""
+"""End-to-end runs in real subprocesses: SIGKILL + resume equals an uninterrupted run (pretraining and fine-tuning);
+2-process DDP (gloo, CPU) equals one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    env.pop("FCMAE_TEST_SIGKILL_AFTER_STEP", None)
     env.update(extra)
     return env
 
@@ -57,7 +56,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ref = _pretrain(tmp_path / "ref", *common)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    crashed = _pretrain(tmp_path / "run", *common, env=_env(FCMAE_TEST_SIGKILL_AFTER_STEP="6"))
+    crash = [sys.executable, str(ROOT / "tests" / "crash_run.py"), "pretrain", "7", *TINY, *common,
+             f"run.output_dir={tmp_path / 'run'}"]
+    crashed = subprocess.run(crash, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names[-1] == "step_00000006", names  # killed during step 7: the step-6 checkpoint is the newest
@@ -107,3 +108,43 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert sorted(ls) == sorted(ld) == [1, 2, 3, 4, 5]
     for step in ls:
         assert abs(ls[step] - ld[step]) <= 1e-4 * abs(ls[step]), (step, ls[step], ld[step])
+
+
+def test_finetune_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    from test_finetune import _image_folder
+
+    _image_folder(tmp_path / "data" / "train", 6)
+    _image_folder(tmp_path / "data" / "val", 2, seed=1)
+    common = [
+        "model.name=convnextv2_test", "model.in_chans=1", "data.source=folder", "data.input_size=32",
+        f"data.train_path={tmp_path / 'data' / 'train'}", f"data.val_path={tmp_path / 'data' / 'val'}",
+        "data.num_workers=0", "optim.lr=1e-3", "optim.epochs=3", "optim.warmup_epochs=0.5", "optim.layer_decay=0.8",
+        "optim.layer_decay_type=single", "mixup.mixup=0.8", "mixup.cutmix=1.0", "model.drop_path_rate=0.2",
+        "ema.decay=0.9", "run.batch_size=4", "run.progress=false", "run.log_every=1", "run.mixed_precision=no",
+        "run.threads=1", "run.save_every_steps=2", "run.keep_last=3"]
+
+    def run(out: str, *extra: str, kill: int | None = None) -> subprocess.CompletedProcess:
+        if kill is None:
+            cmd = [sys.executable, "-m", "fcmae", "finetune", *common, f"run.output_dir={tmp_path / out}", *extra]
+        else:
+            cmd = [sys.executable, str(ROOT / "tests" / "crash_run.py"), "finetune", str(kill), *common,
+                   f"run.output_dir={tmp_path / out}", *extra]
+        return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+    ref = run("ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    crashed = run("run", kill=7)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
+    resumed = run("run", "run.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step_00000006" in resumed.stderr
+    for name in ("last.safetensors", "last_ema.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "run" / name))
+        worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+        assert worst <= 1e-6, (name, worst)
+    sa = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sa["steps"] == sb["steps"] == 12 and abs(sa["best_top1"] - sb["best_top1"]) < 1e-9
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r and "step" in r]
+    assert steps == sorted(set(steps)) == list(range(1, 13))  # no step logged twice after the resume

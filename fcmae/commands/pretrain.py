@@ -1,44 +1,41 @@
-"""``fcmae pretrain CONFIG [key=value ...]``: FCMAE pretraining."""
+"""``fcmae pretrain [CONFIG] [key=value ...] [--resume auto|DIR]``: FCMAE pretraining.
+
+Results: ``<run.output_dir>/summary.json`` (and the lines printed here).
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+
+OPTIONS = {"--resume": "run.resume"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default=None, help="YAML config (e.g. configs/demo.yaml); defaults otherwise")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.blr=1e-4 run.batch_size=32")
-    p.add_argument("--resume", default=None, help="'auto' or a checkpoint directory (same as run.resume=...)")
+    from fcmae.commands._common import add_config_arguments
+
+    add_config_arguments(p, "demo or configs/pretrain/convnextv2_atto.yaml", OPTIONS)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from fcmae.commands._common import is_main_process, load_command_config
+    from fcmae.config import PretrainConfig
+    from fcmae.pretraining import run_pretraining
+
+    s = run_pretraining(load_command_config(PretrainConfig, args, OPTIONS))
+    if not is_main_process():
+        return 0
+    if s.get("figure"):
+        print(f"reconstruction figure: {s['figure']}")
+    print(f"encoder weights: {s.get('encoder')}")
+    print(f"checkpoint: {s.get('checkpoint')}")
+    print(f"metrics: {s['output_dir']}/metrics.jsonl")
+    print(f"summary: {s['summary']}")
+    print(f"final loss {s['final_loss']:.4f} after {s['steps']} steps, {s['wall_s']:.0f} s, "
+          f"{s['img_per_s']:.1f} img/s")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
-    from fcmae.config import ConfigError, PretrainConfig, load_config
+    from fcmae.commands._common import run_guarded
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # only overrides given
-        overrides.insert(0, config)
-        config = None
-    if args.resume:
-        overrides.append(f"run.resume={args.resume}")
-    try:
-        cfg = load_config(PretrainConfig, config, overrides)
-    except ConfigError as exc:
-        print(f"fcmae pretrain: config error: {exc}", file=sys.stderr)
-        return 2
-    from fcmae.engine import NonFiniteLossError
-    from fcmae.pretraining import run_pretraining
-
-    try:
-        summary = run_pretraining(cfg)
-    except NonFiniteLossError as exc:
-        print(f"fcmae pretrain: error: {exc}", file=sys.stderr)
-        return 3
-    if summary.get("figure"):
-        print(f"reconstruction figure: {summary['figure']}")
-    print(f"encoder weights: {summary.get('encoder')}")
-    print(f"checkpoint: {summary.get('checkpoint')}")
-    print(f"metrics: {summary['output_dir']}/metrics.jsonl")
-    print(f"final loss {summary['final_loss']:.4f} after {summary['steps']} steps, {summary['wall_s']:.0f} s, "
-          f"{summary['img_per_s']:.1f} img/s")
-    return 0
+    return run_guarded("pretrain", lambda: _pretrain(args))

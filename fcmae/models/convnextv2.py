@@ -12,6 +12,9 @@ so the dense and sparse encoders have identical state dict keys and shapes.
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +24,8 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 STRIDE = 32  # total stride of the encoder: stem 4 x three 2x downsamples
+_STAGE_RE = re.compile(r"^stages\.(\d+)\.(\d+)\.")
+_DOWNSAMPLE_RE = re.compile(r"^downsample_layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,37 @@ class ConvNeXtV2Trunk(nn.Module):
             cur += depths[i]
         self.num_features = dims[-1]
 
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """Layer ordinals of parameter names for layer-wise lr decay (timm's ``group_matcher`` interface: timm ranks
+        the ordinals into consecutive layer ids 0 .. last, and the head is the last layer).
+
+        fine (``coarse=False``, the official ``single`` rule): one layer per block; the stem shares the first
+        block's layer and each downsample layer the first block of its stage; final norm + head come last.
+        coarse (the official ``group`` rule of base/large/huge, for any depths): stem; stage 0; stage 1 with its
+        downsample; stage 2 in groups of three consecutive blocks, its downsample with the first; stage 3 with its
+        downsample; final norm + head. For depths (3, 3, 27, 3) these are the official ids 0 .. 13.
+        """
+
+        def ordinal(name: str) -> tuple[float, ...]:
+            if m := _DOWNSAMPLE_RE.match(name):
+                stage, block = int(m[1]), 0
+            elif m := _STAGE_RE.match(name):
+                stage, block = int(m[1]), int(m[2])
+            else:
+                return (math.inf,)
+            if not coarse:
+                return (stage, block)
+            if _DOWNSAMPLE_RE.match(name) and stage == 0:
+                return (0,)
+            return (stage + 1, block // 3) if stage == 2 else (stage + 1,)
+
+        return ordinal
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters without weight decay besides the 1-D ones and biases: none in ConvNeXt V2 (GRN gamma/beta
+        and LayerNorm weights are 1-D)."""
+        return set()
+
     def init_weights(self) -> None:
         """Truncated normal (std .02) for conv/linear weights, zero biases; LayerNorm 1/0; GRN 0/0."""
         for m in self.modules():
@@ -281,7 +317,17 @@ def create_model(
     in_chans: int = 3,
     drop_path_rate: float = 0.0,
     head_init_scale: float = 1.0,
+    pretrained: str | os.PathLike[str] | None = None,
 ) -> ConvNeXtV2:
-    """Build a dense ConvNeXt V2 variant by name (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``)."""
+    """Build a dense ConvNeXt V2 variant by name (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``).
+
+    ``pretrained``: weights in any layout ``fcmae convert`` reads (our exports, the official releases and trainer
+    checkpoints, timm), loaded by :func:`fcmae.weights.load_weights`; a missing or mis-shaped head is re-initialised.
+    """
     spec = get_variant(name)
-    return ConvNeXtV2(in_chans, num_classes, spec.depths, spec.dims, drop_path_rate, head_init_scale)
+    model = ConvNeXtV2(in_chans, num_classes, spec.depths, spec.dims, drop_path_rate, head_init_scale)
+    if pretrained:
+        from fcmae.weights import load_weights
+
+        load_weights(model, pretrained)
+    return model

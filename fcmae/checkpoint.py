@@ -1,0 +1,197 @@
+"""The run directory on disk: complete-or-invisible checkpoints, atomic small files, the output-folder guard.
+
+A checkpoint ``checkpoints/step_N`` is accelerate's ``save_state`` written into ``.tmp_step_N``, completed by a
+``MANIFEST.json`` (every file with its size, written last, everything fsynced) and then renamed in. An existing
+``step_N`` is renamed aside before its replacement comes in and deleted only afterwards, so a crash at any moment
+leaves at least one complete checkpoint; ``cleanup_partial`` undoes what such a crash left. ``resume=auto`` takes the
+newest checkpoint whose manifest checks out and reports the ones it skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+CKPT_RE = re.compile(r"^step_(\d+)$")
+MANIFEST = "MANIFEST.json"
+# files that mean an output folder holds a run
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "encoder.safetensors",
+               "best.safetensors", "last.safetensors")
+
+
+class RunDirError(OSError):
+    """The output folder cannot be used or written (another run's outputs, full disk, permissions)."""
+
+
+def describe_os_error(exc: BaseException, path: Path | str) -> str:
+    """One line naming the path and the cause; recognises a full disk behind torch's serialisation errors."""
+    code = getattr(exc, "errno", None)
+    if code is None and "unexpected pos" in str(exc):  # torch's zip writer hides ENOSPC behind this
+        code = errno.ENOSPC
+    cause = {errno.ENOSPC: "no space left on the disk", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded",
+             errno.ENOTDIR: "a file stands where a folder should be",
+             errno.EEXIST: "a file stands where a folder should be"}.get(code or -1)
+    return f"cannot write {path}: {cause or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}"
+
+
+def fsync_tree(root: Path) -> None:
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``path``, fsync, rename; on failure remove the temp file and raise a
+    ``RunDirError`` naming the path and the cause (the old file, if any, stays as it was)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        raise RunDirError(describe_os_error(exc, path)) from None
+    return path
+
+
+def write_json_atomic(path: Path | str, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """``None`` when ``ckpt`` is a complete checkpoint, else why not (missing manifest, missing or short file)."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (incomplete or written by an interrupted save)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {MANIFEST}"
+    for name, size in files.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"missing {name}"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def scan_checkpoints(root: Path | str) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``(complete checkpoints oldest first, [(incomplete checkpoint, why)])`` under ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        return [], []
+    found = sorted((int(m[1]), p) for p in root.iterdir() if p.is_dir() and (m := CKPT_RE.match(p.name)))
+    good, bad = [], []
+    for _, p in found:
+        why = checkpoint_problem(p)
+        (bad.append((p, why)) if why else good.append(p))
+    return good, bad
+
+
+def find_latest_checkpoint(root: Path | str) -> Path | None:
+    """Newest complete checkpoint directory ``root/step_N`` (temp and incomplete ones are never picked)."""
+    good, _ = scan_checkpoints(root)
+    return good[-1] if good else None
+
+
+def cleanup_partial(root: Path | str) -> list[str]:
+    """Remove temp dirs left by an interrupted save and restore a checkpoint renamed aside whose replacement never
+    arrived. Returns what was done, one line each."""
+    root = Path(root)
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".tmp_step_"):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed the partial checkpoint {p.name}")
+        elif p.name.startswith(".old_step_"):
+            final = root / p.name[len(".old_"):]
+            if final.is_dir() and checkpoint_problem(final) is None:
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(p, final)
+                done.append(f"restored {final.name} (its replacement was interrupted)")
+    return done
+
+
+def _write_manifest(tmp: Path, step: int) -> None:
+    files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    fsync_tree(tmp)
+    write_json_atomic(tmp / MANIFEST, {"step": step, "files": files})
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` is renamed aside first and deleted last."""
+    old = final.with_name(f".old_{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, root: Path, step: int, keep_last: int) -> Path:
+    """accelerate ``save_state`` into a temp dir, manifest, atomic rename to ``root/step_N``; prune the oldest
+    complete checkpoints beyond ``keep_last``. A write error removes the temp dir and raises ``RunDirError``."""
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    if accelerator.is_main_process:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(describe_os_error(exc, root)) from None
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_manifest(tmp, step)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(describe_os_error(exc, tmp.with_name(final.name))) from None
+    if accelerator.is_main_process:
+        _swap_in(tmp, final)
+        good, _ = scan_checkpoints(root)
+        for p in good[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# --------------------------------------------------------------------------------------------- output folder
+def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
+    """Refuse to start a new run over another run's outputs unless told to (``run.resume`` / ``run.overwrite``);
+    with ``overwrite`` the old run's outputs are removed first. Checks the folder can be written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"run.output_dir {out_dir} is a file, not a folder")
+    used = [m for m in RUN_MARKERS if (out_dir / m).exists()]
+    if used and not resume and not overwrite:
+        raise RunDirError(f"run.output_dir {out_dir} holds another run ({', '.join(used[:3])}); continue it with "
+                          "run.resume=auto, start over with run.overwrite=true, or choose another run.output_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if used and overwrite:
+            for m in used:
+                target = out_dir / m
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        probe = out_dir / ".fcmae_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(describe_os_error(exc, out_dir)) from None

@@ -1,0 +1,104 @@
+"""Seeded sampling: a per-epoch order and per-sample augmentation (and mask) that depend only on the seeds.
+
+Every sample's augmentation and mask are drawn from generators seeded by ``(seed, epoch, index)``, and the
+per-epoch order comes from a sampler seeded by ``(seed, epoch)``. So the data a step sees does not depend on the
+number of processes, DataLoader workers, or whether the run was resumed; together with accelerate's
+model/optimiser/RNG state this makes a resumed run equal to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from fcmae.masking import random_masking
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A distinct 63-bit seed per (run seed, epoch, sample index)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation per epoch, seeded by ``(seed, epoch)``; ``use_epoch`` picks the epoch.
+
+    Deliberately not named ``set_epoch``: accelerate calls ``set_epoch(<its own iteration count>)`` on samplers,
+    which restarts at 0 in a resumed process and would replay the wrong epoch's order.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.num_samples))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+        return iter(torch.randperm(self.num_samples, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class SeededSamples(Dataset):
+    """``base[indices[i]]`` with its augmentation (and optionally a random mask) seeded per sample.
+
+    Items of ``base`` are ``(image, n_skipped)`` (unlabelled) or ``(image, label[, n_skipped])`` (labelled).
+    Output: ``(image (C, H, W), label int, n_skipped int)`` with ``label = -1`` for unlabelled data, or with
+    ``mask_grid`` set ``(image, mask (h*w,) bool, n_skipped)`` (pretraining; ``True`` = removed).
+
+    With ``seed`` set, every item draws from Python's, NumPy's and torch's global generators seeded by
+    ``(seed, epoch, index)`` (timm's and torchvision's transforms use all three) and their previous states are
+    restored afterwards, so a sample does not depend on workers or on what ran before. Set ``epoch`` before
+    iterating an epoch (DataLoader workers are re-created every epoch, so they see it).
+    """
+
+    def __init__(self, base: Dataset, indices: Sequence[int] | None = None, seed: int | None = None,
+                 labelled: bool = True, mask_grid: tuple[int, int] | None = None, mask_ratio: float = 0.6) -> None:
+        self.base = base
+        self.indices = list(indices) if indices is not None else list(range(len(base)))  # type: ignore[arg-type]
+        self.seed = seed
+        self.labelled = labelled
+        self.mask_grid = mask_grid
+        self.mask_ratio = mask_ratio
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _seeded_item(self, index: int, s: int) -> tuple:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            random.seed(s)
+            np.random.seed(s & 0xFFFFFFFF)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                return self.base[self.indices[index]]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor | int, int]:
+        s = sample_seed(self.seed, self.epoch, index) if self.seed is not None else None
+        item = self.base[self.indices[index]] if s is None else self._seeded_item(index, s)
+        if self.labelled:
+            label, skipped = int(item[1]), int(item[2]) if len(item) > 2 else 0
+        else:
+            label, skipped = -1, int(item[1]) if len(item) > 1 else 0
+        if self.mask_grid is None:
+            return item[0], label, skipped
+        g = torch.Generator().manual_seed((s if s is not None else index) ^ 0x5DEECE66D)
+        mask = random_masking(1, self.mask_grid, self.mask_ratio, generator=g)[0]
+        return item[0], mask, skipped

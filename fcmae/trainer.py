@@ -1,0 +1,475 @@
+"""The trainer: one training loop on accelerate for every recipe.
+
+The trainer owns devices and mixed precision, the output folder and the merged config, the seeded data loader,
+AdamW with the recipe's parameter groups, the warmup + cosine schedule (sized in epochs or steps), gradient
+accumulation and clipping, the non-finite-loss stop, resume, checkpoint cadence, metrics (JSONL, TensorBoard when
+installed), the progress bar and the final ``summary.json``. A :class:`Recipe` says only what differs: the model,
+the data, the parameter groups, the loss of one batch, and what happens after a step, at an epoch end and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fcmae.checkpoint import (
+    RunDirError,
+    cleanup_partial,
+    find_latest_checkpoint,
+    prepare_output_dir,
+    save_checkpoint,
+    scan_checkpoints,
+    write_json_atomic,
+    write_text_atomic,
+)
+from fcmae.data.sampling import EpochSampler
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stops without writing a checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------- schedule
+def scaled_lr(blr: float, effective_batch: int) -> float:
+    """The linear scaling rule used by the paper: ``lr = blr * effective_batch / 256``."""
+    return blr * effective_batch / 256.0
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """Per-step schedule: linear warmup from 0 over ``warmup_steps``, then half-cosine to ``min_lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * step / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Schedule:
+    """Run length and learning rate, resolved from the ``optim`` section and the loader's length."""
+
+    steps_per_epoch: int
+    total_steps: int  # optimizer steps of the whole cosine
+    warmup_steps: int
+    last_step: int  # where this invocation stops (run.max_steps may cut it short)
+    base_lr: float
+    blr: float  # the configured blr, or the one an absolute optim.lr amounts to
+    effective_batch: int
+
+    @property
+    def epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+def make_schedule(optim: Any, run: Any, batches_per_epoch: int, global_batch: int) -> Schedule:
+    steps_per_epoch = batches_per_epoch // run.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f"one epoch has {batches_per_epoch} batches, fewer than run.accum_iter={run.accum_iter}")
+    total = optim.steps if optim.steps is not None else optim.epochs * steps_per_epoch
+    warmup = optim.warmup_steps if optim.warmup_steps is not None else int(round(optim.warmup_epochs
+                                                                                  * steps_per_epoch))
+    eff = global_batch * run.accum_iter
+    base_lr = optim.lr if optim.lr is not None else scaled_lr(optim.blr, eff)
+    last = min(total, run.max_steps) if run.max_steps > 0 else total
+    return Schedule(steps_per_epoch, total, min(warmup, total), last, base_lr, base_lr * 256.0 / eff, eff)
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0, coarse: bool = False
+                 ) -> list[dict[str, Any]]:
+    """AdamW parameter groups from the model's own knowledge, built by timm.
+
+    No weight decay on 1-D parameters and biases (timm's rule) nor on ``model.no_weight_decay()``. With
+    ``layer_decay < 1`` the groups also carry ``lr_scale = layer_decay ** (last - layer)`` with layers from
+    ``model.group_matcher(coarse)`` (timm's ``param_groups_layer_decay``). Frozen parameters are left out.
+    """
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    skip = tuple(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else ()
+    if layer_decay >= 1.0:
+        return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+
+    # timm always asks for group_matcher(coarse=False); this view passes the chosen rule through
+    view = SimpleNamespace(named_parameters=model.named_parameters,
+                           group_matcher=lambda **_: model.group_matcher(coarse))
+    return param_groups_layer_decay(view, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """``auto`` -> bf16 on a CUDA device that supports it, else fp32 (CPU bf16 is slow without AMX/AVX512-BF16)."""
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+# ------------------------------------------------------------------------------------------- state, metrics
+@dataclass
+class TrainState:
+    """Progress counters saved with every checkpoint (accelerate ``register_for_checkpointing``)."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps taken
+    batch_in_epoch: int = 0  # micro-batches (per process) consumed in the current epoch
+    images_seen: int = 0
+    skipped_files: int = 0  # unreadable files replaced by another one, summed over every batch trained on
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        for k, v in d.items():
+            setattr(self, k, int(v))
+
+
+class MetricsLogger:
+    """JSONL metrics (always) and TensorBoard scalars and images (when installed); main process only."""
+
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after ``step`` (and old summaries): a resumed run logs them again."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if "summary" not in rec and rec.get("step", 0) <= step:
+                keep.append(line)
+        write_text_atomic(self.path, "".join(x + "\n" for x in keep))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        """Log a PNG to TensorBoard (no-op without it)."""
+        if self.tb is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------- recipe interface
+class Recipe:
+    """What a training run provides. ``setup`` must set ``model``, ``train_set`` and ``param_groups``."""
+
+    name = "train"
+    model: nn.Module
+    train_set: Any  # a SeededSamples (its ``epoch`` is set by the trainer)
+    param_groups: list[dict[str, Any]]
+
+    def setup(self, trainer: Trainer) -> None:
+        raise NotImplementedError
+
+    def after_prepare(self, trainer: Trainer) -> None:
+        """Anything that needs the prepared model (EVALUATION loaders, EMA copies)."""
+
+    def stateful(self) -> list[Any]:
+        """Extra objects (``state_dict``/``load_state_dict``) saved with every checkpoint."""
+        return []
+
+    def describe(self, trainer: Trainer) -> list[str]:
+        return []
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+
+    def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def after_step(self, trainer: Trainer) -> None:
+        """After every optimizer step."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        """After epoch ``epoch`` (0-based) completed (not after a run cut short mid-epoch)."""
+
+    def finish(self, trainer: Trainer) -> dict[str, Any]:
+        """At the end of the run (main and other processes); returns entries for the summary."""
+        return {}
+
+
+Callback = Callable[["Trainer"], None]
+
+
+def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, accelerator, lr: float,
+                      clip_grad: float | None = None) -> dict[str, Any]:
+    """Inside ``accelerator.accumulate``: check the loss on all processes, backward, and at accumulation boundaries
+    set ``lr * lr_scale`` per group, clip the optimised parameters, step.
+
+    Returns ``{"loss": float (mean over processes), "stepped": bool, "grad_norm": float | None}``; raises
+    ``NonFiniteLossError`` before any update.
+    """
+    all_losses = accelerator.gather(loss.detach().float().reshape(1))
+    if not bool(torch.isfinite(all_losses).all()):
+        raise NonFiniteLossError(f"non-finite loss {all_losses.tolist()}")
+    accelerator.backward(loss)
+    grad_norm = None
+    if accelerator.sync_gradients:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if clip_grad:
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = float(accelerator.clip_grad_norm_(params, clip_grad))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(all_losses.mean()), "stepped": accelerator.sync_gradients, "grad_norm": grad_norm}
+
+
+# ------------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """Runs a recipe with a config that has ``optim`` and ``run`` sections (see ``fcmae.config``).
+
+    ``callbacks`` are called after every optimizer step with the trainer (e.g. to inject a fault in a test).
+    """
+
+    def __init__(self, cfg: Any, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg = cfg
+        self.recipe = recipe
+        self.callbacks = list(callbacks)
+        self.out_dir = Path(cfg.run.output_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.state = TrainState()
+        self.summary: dict[str, Any] = {"output_dir": str(self.out_dir)}
+
+    # -- set-up --------------------------------------------------------------------------------------------
+    def say(self, *args: Any) -> None:
+        if self.accelerator.is_main_process:
+            print(*args, file=sys.stderr, flush=True)
+
+    def _accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        run = self.cfg.run
+        if run.threads > 0:
+            torch.set_num_threads(run.threads)
+        self.mixed_precision = resolve_mixed_precision(run.mixed_precision)
+        # several processes on a machine without CUDA: accelerate only picks gloo/MULTI_CPU when told cpu=True
+        cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=run.accum_iter,
+                                       step_scheduler_with_optimizer=False, cpu=cpu_ddp)
+        set_seed(run.seed)
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        run, n = self.cfg.run, len(self.recipe.train_set)
+        global_batch = run.batch_size * self.accelerator.num_processes
+        if n < global_batch:
+            raise ValueError(f"the training set has {n} images, fewer than one global batch ({run.batch_size} x "
+                             f"{self.accelerator.num_processes} processes); lower run.batch_size")
+        self.sampler = EpochSampler(n, run.seed)
+        return torch.utils.data.DataLoader(
+            self.recipe.train_set, batch_size=run.batch_size, sampler=self.sampler,
+            num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+            persistent_workers=False, generator=torch.Generator().manual_seed(0))
+
+    def _resume_from(self) -> Path | None:
+        resume = self.cfg.run.resume
+        if resume == "auto":
+            good, bad = scan_checkpoints(self.ckpt_root)
+            for p, why in bad:
+                self.say(f"skipping checkpoint {p}: {why}")
+            return good[-1] if good else None
+        if resume:
+            p = Path(resume)
+            if not p.is_dir():
+                raise RunDirError(f"run.resume: checkpoint directory not found: {p}")
+            return p
+        return None
+
+    def _load_state(self, path: Path) -> None:
+        try:
+            self.accelerator.load_state(str(path))
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RunDirError(f"run.resume: cannot load checkpoint {path} into this run ({msg})") from None
+        self.say(f"resumed from {path} (epoch {self.state.epoch}, step {self.state.step})")
+
+    def _setup(self) -> None:
+        run = self.cfg.run
+        self._accelerator()
+        if self.accelerator.is_main_process and self.out_dir.exists() and not self.out_dir.is_dir():
+            raise RunDirError(f"run.output_dir {self.out_dir} is a file, not a folder")
+        self.recipe.setup(self)  # data and model: every user error in them comes before anything is written
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW(self.recipe.param_groups, lr=0.0, betas=tuple(o.betas), eps=o.eps)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(self.recipe.model, optimizer,
+                                                                           self._loader())
+        # sized after prepare: with several processes the prepared loader holds this process's share
+        self.schedule = make_schedule(o, run, len(self.loader), run.batch_size * self.accelerator.num_processes)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        self.recipe.after_prepare(self)
+        for obj in [self.state, *self.recipe.stateful()]:
+            self.accelerator.register_for_checkpointing(obj)
+        if self.accelerator.is_main_process:
+            prepare_output_dir(self.out_dir, run.resume, run.overwrite)
+            for line in cleanup_partial(self.ckpt_root):
+                self.say(line)
+        self.accelerator.wait_for_everyone()
+        self.resumed_from = self._resume_from()
+        if self.resumed_from is not None:
+            self._load_state(self.resumed_from)
+        if self.accelerator.is_main_process:
+            from fcmae.config import save_config
+
+            save_config(self.cfg, self.out_dir / "config.yaml")
+        self.logger = MetricsLogger(self.out_dir, self.accelerator.is_main_process)
+        self.logger.truncate_after(self.state.step)
+
+    def _describe(self) -> None:
+        s, run, acc = self.schedule, self.cfg.run, self.accelerator
+        for line in self.recipe.describe(self):
+            self.say(line)
+        given = " (optim.lr given)" if self.cfg.optim.lr is not None else ""
+        self.say(f"effective batch {s.effective_batch} = {run.batch_size} x {acc.num_processes} x {run.accum_iter}; "
+                 f"blr {s.blr:g} -> lr {s.base_lr:.3e}{given}; {s.steps_per_epoch} steps/epoch, {s.total_steps} "
+                 f"steps total ({s.epochs} epochs), warmup {s.warmup_steps}")
+        self.summary.update(lr=s.base_lr, blr=s.blr, effective_batch=s.effective_batch, total_steps=s.total_steps)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train as configured; returns the summary (also written to ``<output_dir>/summary.json``)."""
+        self._setup()
+        self._describe()
+        s = self.schedule
+        self.recipe.train_mode(self.model)
+        self.t_start = time.perf_counter()
+        self.images_run, self.last_loss = 0, math.nan
+        self.last_saved = self.state.step if self.resumed_from is not None else -1
+        while self.state.step < s.last_step:
+            self._epoch()
+        if self.last_saved != self.state.step:
+            self.save()
+        return self._finish()
+
+    def _epoch(self) -> None:
+        from tqdm import tqdm
+
+        st, s, acc, run = self.state, self.schedule, self.accelerator, self.cfg.run
+        epoch = st.epoch
+        self.sampler.use_epoch(epoch)
+        self.recipe.train_set.epoch = epoch
+        loader = acc.skip_first_batches(self.loader, st.batch_in_epoch) if st.batch_in_epoch else self.loader
+        batches_per_epoch = s.steps_per_epoch * run.accum_iter
+        self.bar = tqdm(total=batches_per_epoch - st.batch_in_epoch, desc=f"epoch {epoch}", leave=False,
+                        dynamic_ncols=True, disable=not (run.progress and acc.is_main_process))
+        self._window = [0.0, 0, time.perf_counter(), 0]  # loss sum, micro-batches, time, images since the last log
+        for batch in loader:
+            if st.batch_in_epoch >= batches_per_epoch:
+                break  # leftover micro-batches that cannot fill an optimizer step
+            if self._micro_step(batch) and st.step >= s.last_step:
+                break
+        self.bar.close()
+        if st.batch_in_epoch >= batches_per_epoch:
+            st.epoch += 1
+            st.batch_in_epoch = 0
+            self.say(f"epoch {epoch} done: step {st.step}, loss {self.last_loss:.4f}")
+            self.recipe.on_epoch_end(self, epoch)
+            self.recipe.train_mode(self.model)
+            if st.epoch % run.save_every_epochs == 0 and self.last_saved != st.step:
+                self.save()
+
+    def _micro_step(self, batch: Sequence[Tensor]) -> bool:
+        """One micro-batch; True when it completed an optimizer step."""
+        st, acc = self.state, self.accelerator
+        lr = lr_at(st.step, self.schedule.total_steps, self.schedule.warmup_steps, self.schedule.base_lr,
+                   self.cfg.optim.min_lr)
+        try:
+            with acc.accumulate(self.model):
+                out = backward_and_step(self.recipe.loss(self.model, batch), self.optimizer, acc, lr,
+                                        self.cfg.optim.clip_grad)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(
+                f"{exc} at epoch {st.epoch}, step {st.step} (lr {lr:.3e}); stopping without saving. Last good "
+                f"checkpoint: {find_latest_checkpoint(self.ckpt_root) or 'none'}. Try a lower optim.blr, "
+                "optim.clip_grad, or fp32.") from None
+        n_imgs = batch[0].shape[0] * acc.num_processes
+        st.skipped_files += int(acc.gather(batch[-1].sum().reshape(1)).sum())
+        st.batch_in_epoch += 1
+        st.images_seen += n_imgs
+        self.images_run += n_imgs
+        self.last_loss = out["loss"]
+        w = self._window
+        w[0], w[1], w[3] = w[0] + out["loss"], w[1] + 1, w[3] + n_imgs
+        self.bar.update(1)
+        if not out["stepped"]:
+            return False
+        st.step += 1
+        self.recipe.after_step(self)
+        self._log_step(lr, out)
+        if self.cfg.run.save_every_steps and st.step % self.cfg.run.save_every_steps == 0:
+            self.save()
+        for cb in self.callbacks:
+            cb(self)
+        return True
+
+    def _log_step(self, lr: float, out: dict[str, Any]) -> None:
+        st, w, now = self.state, self._window, time.perf_counter()
+        ips = w[3] / max(now - w[2], 1e-9)
+        self.bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
+            rec = {"step": st.step, "epoch": st.epoch, "loss": w[0] / w[1], "lr": lr, "blr": self.schedule.blr,
+                   "img_per_s": ips, "images_seen": st.images_seen, "skipped_files": st.skipped_files,
+                   "time_s": now - self.t_start}
+            if out["grad_norm"] is not None:
+                rec["grad_norm"] = out["grad_norm"]
+            self.logger.log(rec)
+            self._window = [0.0, 0, now, 0]
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.accelerator, self.ckpt_root, self.state.step, self.cfg.run.keep_last)
+        self.last_saved = self.state.step
+        return path
+
+    def _finish(self) -> dict[str, Any]:
+        st, wall = self.state, time.perf_counter() - self.t_start
+        self.summary.update(self.recipe.finish(self))
+        self.summary.update({
+            "final_loss": self.last_loss, "steps": st.step, "epochs": st.epoch, "wall_s": wall,
+            "img_per_s": self.images_run / max(wall, 1e-9), "skipped_files": st.skipped_files,
+            "checkpoint": str(find_latest_checkpoint(self.ckpt_root)), "summary": str(self.out_dir / "summary.json"),
+        })
+        self.logger.log({"summary": self.summary})
+        self.logger.close()
+        if self.accelerator.is_main_process:
+            write_json_atomic(self.out_dir / "summary.json", self.summary)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return self.summary
