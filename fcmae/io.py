@@ -380,12 +380,13 @@ def save_state_dict(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would
-        os.chmod(tmp, 0o666 & ~_umask())
         if dst.suffix in TORCH_SUFFIXES:
             torch.save({"model": sd, "metadata": md}, tmp)
         else:
             save_file(sd, str(tmp), metadata=md)
+        # mkstemp makes the file private (0600), and safetensors >= 0.8 recreates it so; after writing, give it
+        # the permissions a plain open() would
+        os.chmod(tmp, 0o666 & ~_umask())
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)

@@ -304,7 +304,8 @@ def test_save_load_roundtrip_safetensors_and_pt(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt", "w.pth", "w.safetensors"]  # no temp files left
     umask = os.umask(0)
     os.umask(umask)
-    assert os.stat(tmp_path / "w.pt").st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+    for name in ("w.pt", "w.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's private 0600
 
 
 def test_load_unwraps_training_checkpoints(tmp_path):
