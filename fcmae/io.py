@@ -83,21 +83,27 @@ def _read_head(path: Path, n: int = 8) -> bytes:
         raise CheckpointError(f"{path}: cannot read ({_one_line(exc)})") from exc
 
 
-def _refused_message(name: str) -> str:
+def _refused_message(names: list[str]) -> str:
     allowed = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS)
-    return (f"pickle references {name}, which is refused (only tensors, plain containers and {allowed} are loaded; "
-            "nothing from the file was run)")
+    shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+    return (f"pickle references {shown}, which {'is' if len(names) == 1 else 'are'} refused (only tensors, plain "
+            f"containers and {allowed} are loaded; nothing from the file was run)")
 
 
 def _torch_load_problem(exc: BaseException, path: Path) -> str:
-    """One line for a failed safe ``torch.load`` (its own messages run to several paragraphs)."""
+    """One line for a failed safe ``torch.load`` (its own messages run to several paragraphs).
+
+    Names every global the pickle references that safe loading refuses (torch stops at the first, or, for
+    pickle opcodes it does not parse, names none).
+    """
     text = str(exc)
-    if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
-        return _refused_message(m[1])
-    if "WeightsUnpickler error" in text or "Weights only load failed" in text:
+    named = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if named or "WeightsUnpickler error" in text or "Weights only load failed" in text:
         refused = refused_globals(path)
+        if named and named[1] not in refused:
+            refused.insert(0, named[1])
         if refused:
-            return _refused_message(refused[0])
+            return _refused_message(refused)
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
         reason = " ".join(detail[1].split()) if detail else "unsupported content"
         return f"pickle holds something other than tensors and plain values ({reason})"
@@ -259,7 +265,7 @@ def _describe_pickle(obj: Any, key: str | None) -> str:
         kind = "official trainer checkpoint (args: argparse.Namespace"
         kind += f", epoch {obj['epoch']})" if isinstance(obj.get("epoch"), int) else ")"
     elif key is not None:
-        kind = "training checkpoint"
+        kind = f"training checkpoint ({_entries(obj)})" if len(obj) > 1 else "torch.save dict"
     else:
         kind = "torch.save state dict"
     if key is not None:
