@@ -18,6 +18,7 @@ at all (temp file in the same directory, fsync, ``os.replace``). ``save_folder``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -178,14 +179,22 @@ def refused_globals(path: str | os.PathLike[str]) -> list[str]:
     return [n for n in dict.fromkeys(names) if not _is_allowed(n)]
 
 
+def _allow(classes: tuple[type, ...]) -> contextlib.AbstractContextManager[Any]:
+    """``torch.serialization.safe_globals`` (torch >= 2.5); on 2.4 the process-wide ``add_safe_globals``."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(list(classes))
+    torch.serialization.add_safe_globals(list(classes))
+    return contextlib.nullcontext()
+
+
 def safe_torch_load(path: str | os.PathLike[str]) -> Any:
     """``torch.load(path, weights_only=True)`` on CPU with ``SAFE_GLOBALS`` allowed; ``CheckpointError`` otherwise.
 
-    The message is one line and names the first refused global; no code from the file ever runs.
+    The message is one line and names the refused globals; no code from the file ever runs.
     """
     src = Path(path)
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        with warnings.catch_warnings(), _allow(SAFE_GLOBALS):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the refusal below says enough
             return torch.load(str(src), map_location="cpu", weights_only=True)
     except Exception as exc:  # bad zip, refused pickle, truncated file: all "not a checkpoint we can read"
