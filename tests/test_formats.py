@@ -310,6 +310,13 @@ def test_failed_folder_export_writes_nothing(tmp_path, capsys):
     assert "expected (40, 3, 4, 4), found (8, 3, 4, 4)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
+    for argv, message in [([f"{tmp_path / 'dense_dir'}/"], "writes one file"),
+                          ([str(tmp_path / "hf.safetensors"), "--to", "transformers"], "writes a folder")]:
+        assert main(["convert", str(src), *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
     def broken(folder: Path) -> None:
         (folder / "model.safetensors").write_bytes(b"partial")
         raise OSError("disk full")

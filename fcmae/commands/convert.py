@@ -74,6 +74,9 @@ def _write(
     from fcmae.io import save_state_dict
 
     out_path = Path(args.output)
+    if args.to == "transformers" and out_path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+        raise ValueError(f"{out_path}: --to transformers writes a folder (config.json + model.safetensors); "
+                         "give a folder name")
     if _wants_folder(args.output, args.to):
         export = export_timm_folder if args.to == "timm" else export_transformers_folder
         sd = export(out_path, dense, variant, {**metadata, "layout": args.to}, _image_size(metadata))
@@ -81,9 +84,9 @@ def _write(
                else f"transformers.ConvNextV2{'ForImageClassification' if 'head.weight' in dense else 'Model'}"
                     f".from_pretrained({str(out_path)!r})")
         return len(sd), f"{out_path}{os.sep} (config.json + model.safetensors; load with {how})"
-    if out_path.is_dir():
-        raise ValueError(f"{out_path}: is a directory; --to {args.to} writes one file here (folders are written "
-                         "for --to timm with OUT ending in /, and --to transformers)")
+    if out_path.is_dir() or args.output.endswith(("/", os.sep)):
+        raise ValueError(f"{out_path}: is a directory; --to {args.to} writes one file (folders are written for "
+                         "--to timm and --to transformers)")
     out = dense_to_timm(with_identity_norm(dense)[0], variant) if args.to == "timm" else dense
     save_state_dict(out_path, out, {**metadata, "format": args.to})
     return len(out), str(out_path)
