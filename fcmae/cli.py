@@ -15,7 +15,7 @@ from fcmae.runtime import reexec_with_malloc_tuning
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("fcmae.commands.pretrain", "FCMAE self-supervised pretraining (config YAML + key=value overrides)"),
-    "convert": ("fcmae.commands.convert", "convert checkpoints between layouts (ours, official, timm)"),
+    "convert": ("fcmae.commands.convert", "convert checkpoints between layouts (ours, official, timm, Hugging Face)"),
     "finetune": ("fcmae.commands.finetune", "supervised fine-tuning of a dense ConvNeXt V2"),
     "evaluate": ("fcmae.commands.evaluate", "top-1/top-5 accuracy of a classifier checkpoint"),
     "visualize": ("fcmae.commands.visualize", "reconstruction figure of a pretraining checkpoint on images"),

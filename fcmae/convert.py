@@ -11,10 +11,18 @@ Layouts (``detect_layout`` names):
   ``dwconv.bias`` ``(1, C)``, ``norm.ln.*``, ``pwconv{1,2}.linear.*``, ``grn.gamma/beta`` ``(1, 4C)``; plus the
   official decoder (same top-level names as ours).
 - ``official_dense``: the official dense ConvNeXt V2 (same names as ours, GRN ``(1, 1, 1, 4C)``), possibly under
-  ``encoder.`` (with a decoder) and/or a ``module.`` wrapper prefix, with or without ``norm``/``head``.
+  ``encoder.`` (with a decoder) and/or a ``module.`` wrapper prefix, with or without ``norm``/``head``: the released
+  fine-tuned weights (``convnextv2_<v>_1k_224_ema.pt``) and the official fine-tuning trainer's ``checkpoint-N.pth``.
+- ``official_fcmae``: the released FCMAE weights (``convnextv2_<v>_1k_224_fcmae.pt``): our dense names and shapes
+  with no ``encoder.`` prefix, GRN ``gamma``/``beta`` of shape ``(1, 4C)``, no final ``norm``/``head``; official
+  decoder keys may be present (dropped).
 - ``timm``: ``timm.create_model('convnextv2_*')``: ``stem.*``, ``stages.i.downsample.*``,
   ``stages.i.blocks.j.{conv_dw,norm,mlp.fc1,mlp.grn,mlp.fc2}``, ``head.norm``, ``head.fc``. The small variants
   (atto ... nano) use 1x1 convolutions for the MLP, so ``fc1``/``fc2`` weights are ``(out, in, 1, 1)`` there.
+- ``transformers``: Hugging Face ``ConvNextV2Model`` / ``ConvNextV2ForImageClassification`` (``convnextv2.`` prefix
+  and ``classifier``): ``embeddings.{patch_embeddings,layernorm}``, ``encoder.stages.i.downsampling_layer.{0,1}``,
+  ``encoder.stages.i.layers.j.{dwconv,layernorm,pwconv1,grn,pwconv2}``, ``layernorm``; GRN ``weight``/``bias``
+  of shape ``(1, 1, 1, 4C)``.
 
 Densifying drops decoder keys; any other key that has no place in the target layout is an error that lists it.
 """
@@ -109,9 +117,78 @@ def timm_to_dense(state_dict: StateDict) -> StateDict:
     return out
 
 
+# --- Hugging Face transformers -----------------------------------------------------------------------------------
+
+_HF_PREFIX = "convnextv2."  # ConvNextV2ForImageClassification's base model; its head is top-level ``classifier``
+# (our dense pattern, transformers name, tensor transform: "" keep | "grn" (4C,) <-> (1, 1, 1, 4C))
+_HF_RULES: list[tuple[str, str, str]] = [
+    (r"downsample_layers\.0\.0\.(weight|bias)", r"embeddings.patch_embeddings.\1", ""),
+    (r"downsample_layers\.0\.1\.(weight|bias)", r"embeddings.layernorm.\1", ""),
+    (r"downsample_layers\.([123])\.([01])\.(weight|bias)", r"encoder.stages.\1.downsampling_layer.\2.\3", ""),
+    (r"stages\.(\d+)\.(\d+)\.(dwconv|pwconv1|pwconv2)\.(weight|bias)", r"encoder.stages.\1.layers.\2.\3.\4", ""),
+    (r"stages\.(\d+)\.(\d+)\.norm\.(weight|bias)", r"encoder.stages.\1.layers.\2.layernorm.\3", ""),
+    (r"stages\.(\d+)\.(\d+)\.grn\.gamma", r"encoder.stages.\1.layers.\2.grn.weight", "grn"),
+    (r"stages\.(\d+)\.(\d+)\.grn\.beta", r"encoder.stages.\1.layers.\2.grn.bias", "grn"),
+    (r"norm\.(weight|bias)", r"layernorm.\1", ""),
+]
+# the same correspondence read the other way (transformers name without the ``convnextv2.`` prefix -> ours)
+_HF_INVERSE: list[tuple[str, str, str]] = [
+    (r"embeddings\.patch_embeddings\.(weight|bias)", r"downsample_layers.0.0.\1", ""),
+    (r"embeddings\.layernorm\.(weight|bias)", r"downsample_layers.0.1.\1", ""),
+    (r"encoder\.stages\.([123])\.downsampling_layer\.([01])\.(weight|bias)", r"downsample_layers.\1.\2.\3", ""),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(dwconv|pwconv1|pwconv2)\.(weight|bias)", r"stages.\1.\2.\3.\4", ""),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.(weight|bias)", r"stages.\1.\2.norm.\3", ""),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.weight", r"stages.\1.\2.grn.gamma", "grn"),
+    (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.grn\.bias", r"stages.\1.\2.grn.beta", "grn"),
+    (r"layernorm\.(weight|bias)", r"norm.\1", ""),
+]
+
+
+def dense_to_transformers(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Our dense layout -> Hugging Face ``ConvNextV2Model`` names (``ConvNextV2ForImageClassification`` with a head).
+
+    GRN ``(4C,)`` -> ``(1, 1, 1, 4C)``; with ``head.*`` present every trunk key gets the ``convnextv2.`` prefix and
+    the head becomes ``classifier.*``.
+    """
+    with_head = any(k.startswith("head.") for k in state_dict)
+    prefix = _HF_PREFIX if with_head else ""
+    out: StateDict = {}
+    unplaced: list[str] = []
+    for key, t in state_dict.items():
+        if m := re.fullmatch(r"head\.(weight|bias)", key):
+            out[f"classifier.{m[1]}"] = t
+            continue
+        for pattern, repl, transform in _HF_RULES:
+            if re.fullmatch(pattern, key):
+                out[prefix + re.sub(pattern, repl, key)] = t.reshape(1, 1, 1, -1) if transform == "grn" else t
+                break
+        else:
+            unplaced.append(key)
+    _fail_unplaced(unplaced, "transformers")
+    return out
+
+
+def transformers_to_dense(state_dict: Mapping[str, Tensor]) -> StateDict:
+    """Hugging Face ``ConvNextV2Model`` / ``ConvNextV2ForImageClassification`` -> our dense layout."""
+    out: StateDict = {}
+    unplaced: list[str] = []
+    for key, t in state_dict.items():
+        name = key[len(_HF_PREFIX):] if key.startswith(_HF_PREFIX) else key
+        if m := re.fullmatch(r"classifier\.(weight|bias)", name):
+            out[f"head.{m[1]}"] = t
+            continue
+        for pattern, repl, transform in _HF_INVERSE:
+            if m := re.fullmatch(pattern, name):
+                out[m.expand(repl)] = t.reshape(-1) if transform == "grn" else t
+                break
+        else:
+            unplaced.append(key)
+    return _finish(out, unplaced, "dense")
+
+
 # --- layout detection and densifying --------------------------------------------------------------------------
 
-LAYOUTS = ("fcmae", "dense", "official_sparse", "official_dense", "timm")
+LAYOUTS = ("fcmae", "dense", "official_sparse", "official_dense", "official_fcmae", "timm", "transformers")
 # DDP / torch.compile wrappers put these in front of every key
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _ENCODER = "encoder."
@@ -124,6 +201,9 @@ _DENSE_KEY_RE = re.compile(
 )
 _SPARSE_MARK_RE = re.compile(r"\.kernel$|\.ln\.|\.linear\.")
 _TIMM_MARK_RE = re.compile(r"^stem\.|^stages\.\d+\.(blocks|downsample)\.")
+_HF_MARK_RE = re.compile(
+    r"^(convnextv2\.)?(embeddings\.patch_embeddings\.|encoder\.stages\.\d+\.(layers|downsampling_layer)\.)"
+)
 _GRN_GAMMA_RE = re.compile(r"stages\.\d+\.\d+\.grn\.gamma")
 
 
@@ -157,9 +237,15 @@ def _body(sd: StateDict) -> tuple[StateDict, bool]:
 
 
 def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
-    """Name the layout of a state dict: one of ``LAYOUTS``; ``ConversionError`` listing a few keys otherwise."""
+    """Name the layout of a state dict from its keys and shapes: one of ``LAYOUTS``.
+
+    ``ConversionError`` listing a few keys when none fits. Dense-named layouts are told apart by the GRN
+    parameters: ``(4C,)`` ours, ``(1, 4C)`` the released FCMAE weights, ``(1, 1, 1, 4C)`` the official dense code.
+    """
     sd = strip_wrapper_prefixes(state_dict)
     keys = list(sd)
+    if any(_HF_MARK_RE.search(k) for k in keys):
+        return "transformers"
     body, prefixed = _body(sd)
     if any(_SPARSE_MARK_RE.search(k) for k in body):
         return "official_sparse"
@@ -168,11 +254,16 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
     gammas = [body[k] for k in body if _GRN_GAMMA_RE.fullmatch(k)]
     has_trunk = any(k.startswith("downsample_layers.") for k in body)
     if gammas and has_trunk:
-        # GRN parameters tell ours ((4C,)) from the official dense code ((1, 1, 1, 4C))
-        if all(g.ndim == 1 for g in gammas):
+        ndims = {g.ndim for g in gammas}
+        if ndims == {1}:
             return "fcmae" if prefixed else "dense"
-        if all(g.ndim == 4 for g in gammas):
+        if ndims == {2} and all(g.shape[0] == 1 for g in gammas):
+            return "official_fcmae"
+        if ndims == {4}:
             return "official_dense"
+        shapes = sorted({tuple(g.shape) for g in gammas})[:4]
+        raise ConversionError(f"GRN gamma shapes are mixed or unknown ({shapes}); expected (4C,), (1, 4C) or "
+                              "(1, 1, 1, 4C) throughout")
     raise ConversionError(
         f"unrecognised checkpoint layout (expected one of {', '.join(LAYOUTS)}); keys: {_sample_keys(keys)}"
     )
@@ -218,7 +309,11 @@ def fcmae_to_dense(state_dict: Mapping[str, Tensor]) -> StateDict:
 
 
 def official_dense_to_dense(state_dict: Mapping[str, Tensor]) -> StateDict:
-    """Official dense ConvNeXt V2 (GRN ``(1, 1, 1, 4C)``, maybe under ``module.``/``encoder.``) -> our dense."""
+    """Official dense ConvNeXt V2 -> our dense: GRN ``(1, 1, 1, 4C)`` or ``(1, 4C)`` -> ``(4C,)``.
+
+    Covers ``official_dense`` (maybe under ``module.``/``encoder.``) and ``official_fcmae`` (the released FCMAE
+    weights, whose decoder keys are dropped).
+    """
 
     def rename(key: str, t: Tensor) -> tuple[str, Tensor]:
         if _GRN_GAMMA_RE.fullmatch(key) or key.endswith(".grn.beta"):
@@ -285,7 +380,9 @@ _TO_DENSE: dict[str, Callable[[Mapping[str, Tensor]], StateDict]] = {
     "dense": _dense_to_dense,
     "official_sparse": official_sparse_to_dense,
     "official_dense": official_dense_to_dense,
+    "official_fcmae": official_dense_to_dense,
     "timm": lambda sd: timm_to_dense(strip_wrapper_prefixes(sd)),
+    "transformers": lambda sd: transformers_to_dense(strip_wrapper_prefixes(sd)),
 }
 
 

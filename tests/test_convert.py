@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_formats import minkowski_kernel as _minkowski_kernel
+from checkpoint_formats import official_decoder as _official_decoder
+from checkpoint_formats import to_official_dense as _to_official_dense
+from checkpoint_formats import to_official_sparse as _to_official_sparse
 from conftest import randomize_
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -51,72 +55,6 @@ def _dense(num_classes: int = 0, in_chans: int = 3, seed: int = 0, name: str = V
 def _encoder_sd(model: torch.nn.Module) -> StateDict:
     """Dense weights without the final norm/head: what a pretraining encoder holds."""
     return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("norm.", "head."))}
-
-
-def _minkowski_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Dense ``(C_out, C_in, k, k)`` -> Minkowski ``(k*k, C_in, C_out)``, offset by offset.
-
-    Written independently of the library's reshapes: offset ``x * k + y`` holds dense position ``(y, x)``
-    (MinkowskiEngine enumerates offsets with height and width swapped).
-    """
-    c_out, c_in, k, _ = weight.shape
-    kernel = torch.empty(k * k, c_in, c_out, dtype=weight.dtype)
-    for y in range(k):
-        for x in range(k):
-            kernel[x * k + y] = weight[:, :, y, x].t()
-    return kernel
-
-
-def _official_decoder(dim: int = 32, in_dim: int = 32, prefix: str = "") -> StateDict:
-    """Official FCMAE decoder keys (1x1 Conv2d proj/pred, (1, D, 1, 1) mask token, dense blocks)."""
-    g = torch.Generator().manual_seed(7)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    return {
-        f"{prefix}proj.weight": r(dim, in_dim, 1, 1), f"{prefix}proj.bias": r(dim),
-        f"{prefix}mask_token": r(1, dim, 1, 1),
-        f"{prefix}decoder.0.dwconv.weight": r(dim, 1, 7, 7), f"{prefix}decoder.0.dwconv.bias": r(dim),
-        f"{prefix}decoder.0.norm.weight": r(dim), f"{prefix}decoder.0.norm.bias": r(dim),
-        f"{prefix}decoder.0.pwconv1.weight": r(4 * dim, dim), f"{prefix}decoder.0.pwconv1.bias": r(4 * dim),
-        f"{prefix}decoder.0.grn.gamma": r(1, 1, 1, 4 * dim), f"{prefix}decoder.0.grn.beta": r(1, 1, 1, 4 * dim),
-        f"{prefix}decoder.0.pwconv2.weight": r(dim, 4 * dim), f"{prefix}decoder.0.pwconv2.bias": r(dim),
-        f"{prefix}pred.weight": r(32 * 32 * 3, dim, 1, 1), f"{prefix}pred.bias": r(32 * 32 * 3),
-    }
-
-
-def _to_official_sparse(dense: StateDict) -> StateDict:
-    """Inverse of the documented MinkowskiEngine mapping, under ``encoder.``, plus an official decoder."""
-    out: StateDict = {}
-    for key, t in dense.items():
-        parts = key.split(".")
-        if key.startswith("downsample_layers.0."):
-            new, val = key, t  # the stem is dense in the official sparse model
-        elif key.startswith("downsample_layers."):
-            if parts[2] == "0":
-                new, val = f"downsample_layers.{parts[1]}.0.ln.{parts[3]}", t
-            elif parts[3] == "weight":
-                new, val = f"downsample_layers.{parts[1]}.1.kernel", _minkowski_kernel(t)
-            else:
-                new, val = f"downsample_layers.{parts[1]}.1.bias", t.reshape(1, -1)
-        else:
-            stage, layer, name = ".".join(parts[:3]), parts[3], parts[4]
-            if layer == "dwconv":
-                val = _minkowski_kernel(t)[:, 0, :] if name == "weight" else t.reshape(1, -1)
-                new = f"{stage}.dwconv.{'kernel' if name == 'weight' else 'bias'}"
-            elif layer == "norm":
-                new, val = f"{stage}.norm.ln.{name}", t
-            elif layer in ("pwconv1", "pwconv2"):
-                new, val = f"{stage}.{layer}.linear.{name}", t
-            else:
-                assert layer == "grn"
-                new, val = key, t.reshape(1, -1)
-        out[f"encoder.{new}"] = val.clone()
-    out.update(_official_decoder(in_dim=dense["downsample_layers.3.1.weight"].shape[0]))
-    return out
-
-
-def _to_official_dense(dense: StateDict, prefix: str = "module.") -> StateDict:
-    """Our dense keys with GRN as ``(1, 1, 1, 4C)``, under ``prefix``."""
-    return {prefix + k: (v.reshape(1, 1, 1, -1) if ".grn." in k else v).clone() for k, v in dense.items()}
 
 
 def _assert_equal_sd(got: StateDict, want: StateDict) -> None:
@@ -304,7 +242,8 @@ def test_save_load_roundtrip_safetensors_and_pt(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt", "w.pth", "w.safetensors"]  # no temp files left
     umask = os.umask(0)
     os.umask(umask)
-    assert os.stat(tmp_path / "w.pt").st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
+    for name in ("w.pt", "w.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's private 0600
 
 
 def test_load_unwraps_training_checkpoints(tmp_path):
@@ -351,8 +290,8 @@ def test_load_errors(tmp_path):
         "notes.txt": "not a PyTorch or safetensors checkpoint",
         "notes.pt": "not a PyTorch or safetensors checkpoint",
         "meta.pt": "holds no tensors",
-        "evil.pt": "weights_only=True",
-        "obj.pt": "_NotATensor object, which torch.load(weights_only=True) refuses",
+        "evil.pt": "pickle references test_convert._NotATensor, which is refused",  # named from a raw pickle too
+        "obj.pt": "pickle references test_convert._NotATensor, which is refused",
         "zero.pt": "file is empty",
         "empty_dir": "directory holds no model weights",
     }

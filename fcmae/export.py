@@ -1,0 +1,150 @@
+"""Model folders other libraries load directly: timm ``local-dir:`` and Hugging Face ``from_pretrained``.
+
+Both get ``config.json`` + ``model.safetensors``, written atomically (``fcmae.io.save_folder``):
+
+- timm: ``timm.create_model("local-dir:OUT", pretrained=True)`` builds the architecture named in ``config.json``
+  (``model_args`` carry the depths/dims of variants timm does not register, and ``in_chans`` other than 3) and
+  loads the weights strictly.
+- transformers: ``ConvNextV2Model.from_pretrained(OUT)`` (``ConvNextV2ForImageClassification`` when the weights
+  have a head) loads every weight, none missing or unexpected. The final LayerNorm's ``layer_norm_eps`` is set to
+  1e-6, ours (transformers defaults to 1e-12).
+
+An FCMAE encoder has no final norm: both get the identity LayerNorm (weight 1, bias 0), which is exactly what a
+fresh model starts fine-tuning with. A head is written only when the source has one (``num_classes: 0`` else).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fcmae.convert import ConversionError, dense_to_timm, dense_to_transformers, infer_in_chans
+from fcmae.io import save_folder, save_state_dict
+from fcmae.models.convnextv2 import get_variant
+
+StateDict = dict[str, Tensor]
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# normalisation of our transforms (fcmae.data.mean_std): ImageNet for RGB, its channel mean for grayscale
+_MEAN_STD = {3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 1: ((0.449,), (0.226,))}
+INTEROP_HINT = "pip install 'fcmae[interop]'"
+
+
+def with_identity_norm(dense: Mapping[str, Tensor]) -> tuple[StateDict, bool]:
+    """Add the final LayerNorm as identity (weight 1, bias 0, shape ``(C_last,)``) when absent.
+
+    Returns ``(state dict, whether it was added)``; the width comes from the last stage's downsample conv.
+    """
+    out = dict(dense)
+    if "norm.weight" in out and "norm.bias" in out:
+        return out, False
+    ref = out.get("downsample_layers.3.1.weight")
+    if ref is None:
+        raise ConversionError("cannot size the final norm: no 'downsample_layers.3.1.weight'")
+    c = int(ref.shape[0])
+    out["norm.weight"] = torch.ones(c, dtype=ref.dtype)
+    out["norm.bias"] = torch.zeros(c, dtype=ref.dtype)
+    return out, True
+
+
+def _num_classes(dense: Mapping[str, Tensor]) -> int:
+    head = dense.get("head.weight")
+    return int(head.shape[0]) if head is not None else 0
+
+
+def _mean_std(in_chans: int) -> tuple[list[float], list[float]]:
+    mean, std = _MEAN_STD.get(in_chans, (_MEAN_STD[1][0] * in_chans, _MEAN_STD[1][1] * in_chans))
+    return list(mean), list(std)
+
+
+def timm_config(variant: str, dense: Mapping[str, Tensor], image_size: int = 224, crop_pct: float = 0.875
+                ) -> dict[str, Any]:
+    """``config.json`` for ``timm.create_model("local-dir:...")`` (what timm's ``save_config_for_hf`` writes).
+
+    ``architecture`` is the timm name of ``variant``; variants timm lacks (``convnextv2_test``) are built as
+    ``convnextv2_atto`` (same 1x1-conv MLP) with their own ``depths``/``dims`` in ``model_args``.
+    """
+    import timm
+
+    spec = get_variant(variant)
+    num_classes, in_chans = _num_classes(dense), infer_in_chans(dense)
+    model_args: dict[str, Any] = {}
+    arch = variant
+    if not timm.is_model(variant):
+        arch = "convnextv2_atto"
+        model_args.update(depths=list(spec.depths), dims=list(spec.dims))
+    if in_chans != 3:
+        model_args["in_chans"] = in_chans
+    mean, std = _mean_std(in_chans)
+    pretrained_cfg = {
+        "num_classes": num_classes, "input_size": [in_chans, image_size, image_size],
+        "pool_size": [image_size // 32, image_size // 32], "crop_pct": crop_pct, "crop_mode": "center",
+        "interpolation": "bicubic", "mean": mean, "std": std, "first_conv": "stem.0", "classifier": "head.fc",
+        "fixed_input_size": False, "custom_load": False,
+    }
+    config = {"architecture": arch, "num_classes": num_classes, "num_features": spec.dims[-1],
+              "global_pool": "avg", "pretrained_cfg": pretrained_cfg}
+    if model_args:
+        config["model_args"] = model_args
+    return config
+
+
+def transformers_config_json(variant: str, dense: Mapping[str, Tensor], image_size: int = 224) -> str:
+    """``config.json`` text for ``ConvNextV2Model`` / ``ConvNextV2ForImageClassification`` (needs transformers)."""
+    try:
+        from transformers import ConvNextV2Config
+    except ImportError as exc:
+        raise ConversionError(f"--to transformers needs the transformers package: {INTEROP_HINT}") from exc
+    spec = get_variant(variant)
+    num_classes = _num_classes(dense)
+    labels: dict[str, Any] = {}
+    if num_classes:
+        labels = {"id2label": {i: f"LABEL_{i}" for i in range(num_classes)},
+                  "label2id": {f"LABEL_{i}": i for i in range(num_classes)}}
+    config = ConvNextV2Config(
+        num_channels=infer_in_chans(dense), patch_size=4, num_stages=4, hidden_sizes=list(spec.dims),
+        depths=list(spec.depths), hidden_act="gelu", layer_norm_eps=1e-6, drop_path_rate=0.0, image_size=image_size,
+        architectures=["ConvNextV2ForImageClassification" if num_classes else "ConvNextV2Model"], **labels,
+    )
+    return config.to_json_string(use_diff=False)
+
+
+def _write(files_sd: StateDict, metadata: Mapping[str, str], config_text: str) -> Callable[[Path], None]:
+    """The function that fills a (temp) folder with ``model.safetensors`` and ``config.json``."""
+
+    def write(folder: Path) -> None:
+        save_state_dict(folder / WEIGHTS_NAME, files_sd, metadata)
+        (folder / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+    return write
+
+
+def export_timm_folder(path: str | os.PathLike[str], dense: Mapping[str, Tensor], variant: str,
+                       metadata: Mapping[str, str] | None = None, image_size: int = 224) -> StateDict:
+    """Write a timm ``local-dir`` folder from our dense weights (identity final norm if absent).
+
+    Returns the timm state dict written (keys as ``timm.create_model(...).state_dict()``).
+    """
+    full, _ = with_identity_norm(dense)
+    sd = dense_to_timm(full, variant)
+    config = timm_config(variant, full, image_size)
+    save_folder(path, _write(sd, {**(metadata or {}), "format": "pt"}, json.dumps(config, indent=2) + "\n"))
+    return sd
+
+
+def export_transformers_folder(path: str | os.PathLike[str], dense: Mapping[str, Tensor], variant: str,
+                               metadata: Mapping[str, str] | None = None, image_size: int = 224) -> StateDict:
+    """Write a Hugging Face ``from_pretrained`` folder from our dense weights (identity final norm if absent).
+
+    The safetensors metadata carries ``format: pt``, which transformers requires. Returns the state dict written.
+    """
+    full, _ = with_identity_norm(dense)
+    config_text = transformers_config_json(variant, full, image_size)
+    sd = dense_to_transformers(full)
+    save_folder(path, _write(sd, {**(metadata or {}), "format": "pt"}, config_text))
+    return sd
