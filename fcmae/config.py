@@ -184,6 +184,7 @@ class FinetuneModelConfig(ModelConfig):
     num_classes: int = 0  # 0: the number of classes in the training data
     head_init_scale: float = 0.001  # scales the fresh head of a model trained from scratch (no init)
     init: str = ""  # weights to start from: any checkpoint layout `fcmae convert` reads ("" = random init)
+    init_ema: bool = False  # take the EMA weights (model_ema) of an init checkpoint that holds both
 
 
 @dataclass

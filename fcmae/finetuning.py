@@ -128,7 +128,7 @@ class FinetuneRecipe(Recipe):
             raise ValueError(f"model.num_classes={self.num_classes} but the data has {len(self.data.classes)} classes")
         self.train_set = self.data.train
         self.model = create_model(m.name, self.num_classes, m.in_chans, m.drop_path_rate, m.head_init_scale)
-        self.init_info = load_weights(self.model, m.init) if m.init else None
+        self.init_info = load_weights(self.model, m.init, m.init_ema) if m.init else None
         if cfg.run.linear_probe:
             enable_linear_probe(self.model)
         self.param_groups = param_groups(self.model, o.weight_decay, o.layer_decay, o.layer_decay_type == "group")

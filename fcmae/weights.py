@@ -56,13 +56,14 @@ def fold_probe_head(sd: Mapping[str, Tensor], eps: float = 1e-6) -> dict[str, Te
     return out
 
 
-def read_dense(path: str | Path) -> tuple[dict[str, Tensor], str, dict[str, str], Path]:
-    """Any layout -> ``(our dense state dict, layout name, file metadata, resolved path)``."""
+def read_dense(path: str | Path, ema: bool = False) -> tuple[dict[str, Tensor], str, dict[str, str], Path]:
+    """Any layout -> ``(our dense state dict, layout name, file metadata, resolved path)``; ``ema`` takes the EMA
+    weights of a checkpoint that holds both (``model_ema``)."""
     from fcmae.convert import to_dense
     from fcmae.io import load_state_dict_file
 
     src = resolve_weights_path(path)
-    raw, meta = load_state_dict_file(src)
+    raw, meta = load_state_dict_file(src, ema=ema)
     dense, layout = to_dense(fold_probe_head(raw))
     return dense, layout, meta, src
 
@@ -84,7 +85,7 @@ def _head_mismatch(model: nn.Module, dense: Mapping[str, Tensor]) -> bool:
         k not in dense or dense[k].shape != target[k].shape for k in ("head.weight", "head.bias"))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_weights(model: nn.Module, path: str | Path, ema: bool = False) -> dict[str, Any]:
     """Load weights in any layout into a dense ``ConvNeXtV2`` (in place).
 
     - A head that is absent or of another shape is re-initialised (``model.reset_classifier``: trunc normal std
@@ -92,11 +93,12 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     - An FCMAE encoder has no final ``norm``: the model's fresh LayerNorm (weight 1, bias 0) is kept then.
     - Stem weights for another number of input channels are adapted (timm's ``adapt_input_conv``).
     - Any other missing, extra or mis-shaped tensor is a ``WeightsError`` naming it (e.g. another variant's).
+    - ``ema``: the EMA weights of a checkpoint that holds both (an error when it has none).
 
     Returns ``{"path", "layout", "variant_in_file", "fresh": [keys initialised fresh], "head_reset": bool,
     "adapted_stem": bool, "metadata": {...}}``.
     """
-    return _fit(model, *read_dense(path))
+    return _fit(model, *read_dense(path, ema))
 
 
 def _fit(model: nn.Module, dense: dict[str, Tensor], layout: str, meta: dict[str, str], src: Path) -> dict[str, Any]:
@@ -129,7 +131,7 @@ def _fit(model: nn.Module, dense: dict[str, Tensor], layout: str, meta: dict[str
             "fresh": [k for k in target if k not in dense], "adapted_stem": adapted, "metadata": meta}
 
 
-def load_classifier(path: str | Path, name: str | None = None, in_chans: int | None = None
+def load_classifier(path: str | Path, name: str | None = None, in_chans: int | None = None, ema: bool = False
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """A dense classifier built from what a weight file holds: variant (from the shapes, or ``name``), number of
     classes (from the head), input channels (the stem's, or ``in_chans`` with the stem adapted).
@@ -140,7 +142,7 @@ def load_classifier(path: str | Path, name: str | None = None, in_chans: int | N
     from fcmae.convert import check_against_model, infer_in_chans, infer_variant
     from fcmae.models.convnextv2 import create_model
 
-    dense, layout, meta, src = read_dense(path)
+    dense, layout, meta, src = read_dense(path, ema)
     if "head.weight" not in dense:
         raise WeightsError(f"{src}: no classifier head in these weights ({layout} layout, encoder only?); "
                            "fine-tune them first (fcmae finetune --init ...)")

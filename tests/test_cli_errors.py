@@ -110,3 +110,12 @@ def test_user_error_is_one_line(case, files, capsys):
     assert len(lines) == 1, lines
     assert lines[0].startswith("fcmae ") and needle in lines[0], lines[0]
     assert (files / "a_file").read_text() == before
+
+
+def test_code_running_pickles_are_refused_by_finetune_and_evaluate(files, tmp_path, capsys):
+    from checkpoint_formats import assert_refuses_code_running_pickles
+
+    assert_refuses_code_running_pickles(
+        lambda ckpt: main(_ft(files, f"run.output_dir={tmp_path / 'ft'}", "--init", str(ckpt))), tmp_path, capsys)
+    assert_refuses_code_running_pickles(
+        lambda ckpt: main(["evaluate", str(ckpt), "--data", str(files / "cls")]), tmp_path, capsys)

@@ -92,6 +92,8 @@ def test_released_fcmae_weights(tmp_path, capsys, with_decoder):
     _assert_equal_sd(got, want)
     with torch.no_grad():
         assert torch.equal(_features_of(got), source.forward_features(_x()))
+        loaded = create_model(VARIANT, num_classes=0, pretrained=path).eval()  # the one weight loader
+        assert torch.equal(loaded.forward_features(_x()), source.forward_features(_x()))
     out = _convert(capsys, path, tmp_path / "dense.safetensors")
     assert "recognised: official_fcmae (released official FCMAE weights" in out
     assert ("dropped 15 decoder tensors" in out) == with_decoder
@@ -131,6 +133,14 @@ def test_official_finetuning_checkpoint(tmp_path, capsys, with_ema):
     assert layout == "official_dense"
     _assert_equal_sd(got, want)  # the regular weights unless EMA is asked for
     x = _x()
+    with torch.no_grad():
+        assert torch.equal(create_model(VARIANT, num_classes=5, pretrained=path).eval()(x), model(x))
+        if with_ema:
+            from fcmae.weights import load_weights
+
+            clf = create_model(VARIANT, num_classes=5)
+            assert load_weights(clf, path, ema=True)["fresh"] == []
+            assert torch.equal(clf.eval()(x), ema(x))
     for flag, ref, weights in [([], model, want), (["--ema"], ema, want_ema)][: 2 if with_ema else 1]:
         out = _convert(capsys, path, tmp_path / "out.safetensors", *flag)
         assert f"weights from '{'model_ema' if flag else 'model'}'" in out and "recognised: official_dense" in out

@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="weights (any layout) or a finetune output directory")
     p.add_argument("--data", required=True, metavar="SPEC", help="folder of class folders, or fashion_mnist[:test]")
     p.add_argument("--model", default=None, help="variant, e.g. convnextv2_atto (default: inferred from the shapes)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a checkpoint that holds both")
     add_data_arguments(p)
     add_json_argument(p)
 
@@ -57,7 +58,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from fcmae.weights import load_classifier
 
     _check_args(args)
-    model, info = load_classifier(args.checkpoint, args.model, args.in_chans)
+    model, info = load_classifier(args.checkpoint, args.model, args.in_chans, args.ema)
     meta = info["metadata"]
     size = args.input_size or int(meta.get("image_size", 224))
     crop_pct = args.crop_pct or float(meta.get("crop_pct", 0.875))
