@@ -68,8 +68,15 @@ def is_main_process() -> bool:
 
 
 def one_line(exc: BaseException) -> str:
+    """The first line of the message; for an error re-raised from a DataLoader worker (``Caught X in DataLoader
+    worker ... Original Traceback ...``) the worker's own message, which names the file."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
 
 
 def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
