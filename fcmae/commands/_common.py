@@ -101,6 +101,15 @@ def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
         return code
 
 
+def print_run_tail(s: Mapping[str, Any]) -> None:
+    """The lines every training command ends with (the same facts are in ``summary.json``)."""
+    print(f"checkpoint: {s['checkpoint']}")
+    print(f"metrics: {s['output_dir']}/metrics.jsonl")
+    print(f"summary: {s['summary']}")
+    print(f"final loss {s['final_loss']:.4f} after {s['steps']} steps, {s['wall_s']:.0f} s, "
+          f"{s['img_per_s']:.1f} img/s")
+
+
 def write_json(path: str | Path | None, result: Mapping[str, Any]) -> None:
     """``--json PATH``: the command's results as JSON (atomically)."""
     if path:

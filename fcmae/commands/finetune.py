@@ -21,7 +21,7 @@ def _pct(v: float | None) -> str:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import is_main_process, load_command_config
+    from fcmae.commands._common import is_main_process, load_command_config, print_run_tail
     from fcmae.config import FinetuneConfig
     from fcmae.finetuning import run_finetuning
 
@@ -33,11 +33,7 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"best top-1 {s['best_top1']:.2f} top-5 {s['best_top5']:.2f} ({s['best_source']} weights, "
           f"epoch {s['best_epoch']}): {s['best']}")
     print(f"last weights: {s['last']}")
-    print(f"checkpoint: {s['checkpoint']}")
-    print(f"metrics: {s['output_dir']}/metrics.jsonl")
-    print(f"summary: {s['summary']}")
-    print(f"final loss {s['final_loss']:.4f} after {s['steps']} steps, {s['wall_s']:.0f} s, "
-          f"{s['img_per_s']:.1f} img/s")
+    print_run_tail(s)
     return 0
 
 

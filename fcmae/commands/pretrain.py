@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import is_main_process, load_command_config
+    from fcmae.commands._common import is_main_process, load_command_config, print_run_tail
     from fcmae.config import PretrainConfig
     from fcmae.pretraining import run_pretraining
 
@@ -27,11 +27,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     if s.get("figure"):
         print(f"reconstruction figure: {s['figure']}")
     print(f"encoder weights: {s.get('encoder')}")
-    print(f"checkpoint: {s.get('checkpoint')}")
-    print(f"metrics: {s['output_dir']}/metrics.jsonl")
-    print(f"summary: {s['summary']}")
-    print(f"final loss {s['final_loss']:.4f} after {s['steps']} steps, {s['wall_s']:.0f} s, "
-          f"{s['img_per_s']:.1f} img/s")
+    print_run_tail(s)
     return 0
 
 
