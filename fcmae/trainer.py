@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from fcmae.checkpoint import (
     RunDirError,
+    checkpoint_problem,
     cleanup_partial,
     find_latest_checkpoint,
     prepare_output_dir,
@@ -311,6 +312,8 @@ class Trainer:
             p = Path(resume)
             if not p.is_dir():
                 raise RunDirError(f"run.resume: checkpoint directory not found: {p}")
+            if why := checkpoint_problem(p):
+                raise RunDirError(f"run.resume: {p} is not a complete checkpoint: {why}")
             return p
         return None
 

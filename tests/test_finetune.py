@@ -346,8 +346,12 @@ def test_cli_pretrain_convert_finetune_evaluate(tmp_path):
                  "run.num_vis_images=2", "run.mixed_precision=no", "run.threads=1",
                  f"run.output_dir={tmp_path / 'pre'}")
     assert pre.returncode == 0, pre.stderr[-3000:]
-    conv = _fcmae("convert", tmp_path / "pre" / "encoder.safetensors", tmp_path / "dense.safetensors")
+    conv = _fcmae("convert", tmp_path / "pre" / "encoder.safetensors", tmp_path / "dense.safetensors",
+                  "--json", tmp_path / "convert.json")
     assert conv.returncode == 0, conv.stderr[-3000:]
+    facts = json.loads((tmp_path / "convert.json").read_text())
+    assert facts["variant"] == "convnextv2_test" and facts["in_chans"] == 1 and facts["layout"] == "dense"
+    assert json.loads((tmp_path / "pre" / "summary.json").read_text())["steps"] == 2
     data = tmp_path / "data"
     _image_folder(data / "train", 6, size=40)
     _image_folder(data / "val", 3, size=40, seed=1)
@@ -368,8 +372,11 @@ def test_cli_pretrain_convert_finetune_evaluate(tmp_path):
     best = float(best_line.split()[2])
     assert 0.0 <= best <= 100.0
 
-    ev = _fcmae("evaluate", tmp_path / "ft", "--data", data, "--no-progress", "--num-workers", "0")
+    ev = _fcmae("evaluate", tmp_path / "ft", "--data", data, "--no-progress", "--num-workers", "0",
+                "--json", tmp_path / "eval.json")
     assert ev.returncode == 0, ev.stderr[-3000:]
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert math.isclose(json.loads((tmp_path / "eval.json").read_text())["top1"], summary["best_top1"], abs_tol=0.01)
     assert "convnextv2_test, 3 classes, in_chans 1" in ev.stdout
     acc = next(x for x in ev.stdout.splitlines() if x.startswith("top-1")).split()
     assert math.isclose(float(acc[1]), best, abs_tol=0.01)  # the best weights, evaluated again

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +40,8 @@ _LAYOUT_TEXT = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from fcmae.commands._common import add_json_argument
+
     p.add_argument("input", metavar="IN", help="weight file, or a folder holding model.safetensors / pytorch_model.bin")
     p.add_argument("output", metavar="OUT",
                    help="file to write (.safetensors by default; .pt/.pth for torch.save), or a folder (existing or "
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="variant the weights must fit, e.g. convnextv2_atto (default: inferred from the shapes)")
     p.add_argument("--ema", action="store_true",
                    help="take the EMA weights (model_ema / state_dict_ema) of a training checkpoint")
+    add_json_argument(p)
 
 
 def _wants_folder(output: str, to: str) -> bool:
@@ -92,8 +94,8 @@ def _write(
     return len(out), str(out_path)
 
 
-def _convert(args: argparse.Namespace) -> list[str]:
-    """Do the work; returns the lines to print. Raises ValueError subclasses on bad input."""
+def _convert(args: argparse.Namespace) -> tuple[list[str], dict[str, object]]:
+    """Do the work; returns the lines to print and the results. Raises ValueError subclasses on bad input."""
     from fcmae.convert import (
         check_against_model,
         infer_in_chans,
@@ -126,16 +128,20 @@ def _convert(args: argparse.Namespace) -> list[str]:
                      "note: encoder only (no final norm): wrote the identity LayerNorm (weight 1, bias 0) as the "
                      "final norm, so the export loads strictly; no classifier (num_classes 0)")
     lines.append(f"wrote {written}")
-    return lines
+    result = {"input": str(args.input), "output": written, "read": ckpt.source, "layout": layout,
+              "variant": variant, "in_chans": in_chans, "to": args.to, "tensors_written": count,
+              "decoder_tensors_dropped": dropped}
+    return lines, result
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        lines = _convert(args)
-    except (ValueError, OSError) as exc:  # CheckpointError and ConversionError are ValueErrors
-        print(f"fcmae convert: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-              file=sys.stderr)
-        return 1
-    for line in lines:
-        print(line)
-    return 0
+    from fcmae.commands._common import run_guarded, write_json
+
+    def go() -> int:
+        lines, result = _convert(args)
+        for line in lines:
+            print(line)
+        write_json(args.json, result)
+        return 0
+
+    return run_guarded("convert", go)
