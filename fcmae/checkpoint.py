@@ -21,7 +21,7 @@ CKPT_RE = re.compile(r"^step_(\d+)$")
 MANIFEST = "MANIFEST.json"
 # files that mean an output folder holds a run
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "encoder.safetensors",
-               "best.safetensors", "last.safetensors")
+               "best.safetensors", "last.safetensors", "last_ema.safetensors", "reconstruction.png", "tensorboard")
 
 
 class RunDirError(OSError):

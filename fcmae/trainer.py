@@ -201,7 +201,7 @@ class Recipe:
         raise NotImplementedError
 
     def after_prepare(self, trainer: Trainer) -> None:
-        """Anything that needs the prepared model (EVALUATION loaders, EMA copies)."""
+        """Anything that needs the prepared model (evaluation loaders, EMA copies)."""
 
     def stateful(self) -> list[Any]:
         """Extra objects (``state_dict``/``load_state_dict``) saved with every checkpoint."""
