@@ -24,7 +24,6 @@ the encoder disables autocast inside.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterator, Mapping
 from types import ModuleType
@@ -99,16 +98,10 @@ def kernel_offsets(me_conv: nn.Module) -> list[tuple[int, int]]:
     return offsets
 
 
-@functools.cache
-def _dense_positions(kind: str, kernel_size: int, stride: int) -> tuple[int, ...]:
-    """For each MinkowskiEngine kernel index, the flat ``i * K + j`` position in a PyTorch ``(.., K, K)`` weight."""
-    me = import_minkowski()
-    if kind == "channelwise":
-        probe = me.MinkowskiChannelwiseConvolution(1, kernel_size=kernel_size, stride=stride, dimension=2)
-    else:
-        probe = me.MinkowskiConvolution(1, 1, kernel_size=kernel_size, stride=stride, dimension=2)
-    offsets = kernel_offsets(probe)
-    # PyTorch: odd K with padding K//2 reads x[y + i - K//2]; even K (here stride 2, no padding) reads x[s*y + i]
+def dense_positions(offsets: list[tuple[int, int]], kernel_size: int) -> tuple[int, ...]:
+    """For each MinkowskiEngine kernel index (its ``(d_row, d_col)`` offset), the flat ``i * K + j`` position in a
+    PyTorch ``(.., K, K)`` weight. PyTorch's odd ``K`` with padding ``K//2`` reads ``x[y + i - K//2]``; an even ``K``
+    (here the 2x2 stride-2 conv, no padding) reads ``x[s*y + i]``."""
     low = -(kernel_size // 2) if kernel_size % 2 else 0
     flat = tuple((dr - low) * kernel_size + (dc - low) for dr, dc in offsets)
     if sorted(flat) != list(range(kernel_size * kernel_size)):
@@ -144,14 +137,13 @@ class _BoundConv(nn.Module):
     ``src.weight``) and ``bias`` ``(1, C_out)``, runs the library's forward, then clears them.
     """
 
-    def __init__(self, me_conv: nn.Module, src: nn.Conv2d, kind: str) -> None:
+    def __init__(self, me_conv: nn.Module, src: nn.Conv2d, depthwise: bool) -> None:
         super().__init__()
         self.me = me_conv
         object.__setattr__(self, "src", src)  # not a submodule: its parameters belong to the trunk
         self.kernel_shape = tuple(me_conv.kernel.shape)
-        self.depthwise = kind == "channelwise"
-        gen = me_conv.kernel_generator
-        self.positions = _dense_positions(kind, gen.kernel_size[0], gen.kernel_stride[0])
+        self.depthwise = depthwise
+        self.positions = dense_positions(kernel_offsets(me_conv), me_conv.kernel_generator.kernel_size[0])
         del me_conv._parameters["kernel"]
         del me_conv._parameters["bias"]
         me_conv.kernel = None
@@ -231,7 +223,7 @@ class _SparseBlock(nn.Module):
         dim = blk.dwconv.in_channels
         k = blk.dwconv.kernel_size[0]
         self.dwconv = _BoundConv(me.MinkowskiChannelwiseConvolution(dim, kernel_size=k, bias=True, dimension=2),
-                                 blk.dwconv, "channelwise")
+                                 blk.dwconv, depthwise=True)
         self.norm = _SparseLayerNorm(blk.norm)
         self.pwconv1 = me.MinkowskiLinear(dim, 4 * dim)
         self.pwconv1.linear = blk.pwconv1
@@ -262,7 +254,8 @@ class _OfficialLayout(nn.Module):
             ln, conv = trunk.downsample_layers[i]
             me_conv = me.MinkowskiConvolution(conv.in_channels, conv.out_channels, kernel_size=2, stride=2, bias=True,
                                               dimension=2)
-            self.downsample_layers.append(nn.Sequential(_SparseLayerNorm(ln), _BoundConv(me_conv, conv, "conv")))
+            bound = _BoundConv(me_conv, conv, depthwise=False)
+            self.downsample_layers.append(nn.Sequential(_SparseLayerNorm(ln), bound))
         self.stages = nn.ModuleList(nn.ModuleList(_SparseBlock(blk, me) for blk in stage) for stage in trunk.stages)
 
 
