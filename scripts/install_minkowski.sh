@@ -95,14 +95,15 @@ fi
 # 4. build the wheel for this torch
 FLAGS=(--blas=openblas)
 [ "$FLAVOUR" = cpu ] && FLAGS+=(--cpu_only)
-log "building ($FLAVOUR, MAX_JOBS=$MAX_JOBS; about 8 minutes on 2 cores)"
+mkdir -p "$CACHE_DIR"
+BUILD_LOG="$CACHE_DIR/build.log"
+log "building ($FLAVOUR, MAX_JOBS=$MAX_JOBS; about 5 minutes on 2 idle cores; log: $BUILD_LOG)"
 START=$SECONDS
-(cd "$SRC" && "$PY" setup.py bdist_wheel "${FLAGS[@]}" > "$WORK/build.log" 2>&1) \
-    || { tail -n 40 "$WORK/build.log" >&2; log "build failed"; exit 1; }
+(cd "$SRC" && "$PY" setup.py bdist_wheel "${FLAGS[@]}" > "$BUILD_LOG" 2>&1) \
+    || { tail -n 40 "$BUILD_LOG" >&2; log "build failed"; exit 1; }
 log "built in $((SECONDS - START)) s"
 
 # 5. cache and install
-mkdir -p "$CACHE_DIR"
 cp "$SRC"/dist/*.whl "$CACHE_DIR/"
 install_cached_wheel || { log "the built wheel does not import"; exit 1; }
 log "done"
