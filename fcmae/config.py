@@ -141,6 +141,7 @@ class PretrainModelConfig(ModelConfig):
     decoder_depth: int = 1
     decoder_embed_dim: int = 512
     norm_pix_loss: bool = True
+    backend: Literal["torch", "minkowski"] = "torch"  # sparse encoder: pure PyTorch, or MinkowskiEngine (optional)
 
 
 @dataclass

@@ -28,7 +28,7 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
     m = cfg.model
     return create_fcmae(m.name, in_chans=m.in_chans, mask_ratio=m.mask_ratio, decoder_depth=m.decoder_depth,
                         decoder_embed_dim=m.decoder_embed_dim, norm_pix_loss=m.norm_pix_loss,
-                        drop_path_rate=m.drop_path_rate)
+                        drop_path_rate=m.drop_path_rate, backend=m.backend)
 
 
 def export_encoder(model: nn.Module, cfg: PretrainConfig, path: Path, epoch: int, step: int) -> Path:

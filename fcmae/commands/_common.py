@@ -93,7 +93,7 @@ def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
             code, kind = 2, "config error"
         elif isinstance(exc, NonFiniteLossError):
             code, kind = 3, "error"
-        elif isinstance(exc, (ValueError, OSError, KeyError)):  # data, checkpoint, weights, disk errors
+        elif isinstance(exc, (ValueError, OSError, KeyError, ImportError)):  # data, weights, disk, optional deps
             code, kind = 1, "error"
         else:
             raise

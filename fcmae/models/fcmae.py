@@ -44,12 +44,28 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return (per_cell * m).sum() / m.sum().clamp_min(1.0)
 
 
+ENCODER_BACKENDS = ("torch", "minkowski")
+
+
+def _sparse_encoder(backend: str, in_chans: int, depths: tuple[int, ...], dims: tuple[int, ...],
+                    drop_path_rate: float) -> nn.Module:
+    """``"torch"``: our pure-PyTorch sparse encoder (default); ``"minkowski"``: the MinkowskiEngine formulation
+    (optional, ``scripts/install_minkowski.sh``). Same parameters, same ``forward(imgs, keep)``."""
+    if backend == "torch":
+        return SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate)
+    if backend == "minkowski":
+        from fcmae.models.minkowski import MinkowskiConvNeXtV2
+
+        return MinkowskiConvNeXtV2(in_chans, depths, dims, drop_path_rate)
+    raise ValueError(f"unknown encoder backend {backend!r}; choose one of {', '.join(ENCODER_BACKENDS)}")
+
+
 class FCMAE(nn.Module):
     """Fully convolutional masked autoencoder around a sparse ConvNeXt V2 encoder.
 
     The decoder runs on the final ``h x w = H/32 x W/32`` grid. The projection runs only at visible cells
     (removed cells get the mask token anyway) and the pixel head only at removed cells (the loss ignores the
-    rest) unless ``predict_all=True``.
+    rest) unless ``predict_all=True``. ``backend`` picks the sparse encoder's implementation (``ENCODER_BACKENDS``).
     """
 
     def __init__(
@@ -64,6 +80,7 @@ class FCMAE(nn.Module):
         drop_path_rate: float = 0.0,
         patch_size: int = STRIDE,
         model_name: str | None = None,
+        backend: str = "torch",
     ) -> None:
         super().__init__()
         check_mask_ratio(mask_ratio)
@@ -76,7 +93,8 @@ class FCMAE(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.patch_size = patch_size
-        self.encoder = SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate)
+        self.backend = backend
+        self.encoder = _sparse_encoder(backend, in_chans, depths, dims, drop_path_rate)
         self.proj = nn.Linear(dims[-1], decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
         self.decoder = nn.Sequential(*[Block(decoder_embed_dim) for _ in range(decoder_depth)])
@@ -184,10 +202,14 @@ def create_fcmae(
     decoder_embed_dim: int = 512,
     norm_pix_loss: bool = True,
     drop_path_rate: float = 0.0,
+    backend: str = "torch",
 ) -> FCMAE:
-    """FCMAE around the named ConvNeXt V2 variant (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``)."""
+    """FCMAE around the named ConvNeXt V2 variant (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``).
+
+    ``backend``: ``"torch"`` (default) or ``"minkowski"`` (needs MinkowskiEngine: ``scripts/install_minkowski.sh``).
+    """
     spec = get_variant(name)
     return FCMAE(
         in_chans, spec.depths, spec.dims, mask_ratio, decoder_depth, decoder_embed_dim, norm_pix_loss,
-        drop_path_rate, model_name=canonical_name(name),
+        drop_path_rate, model_name=canonical_name(name), backend=backend,
     )
