@@ -64,6 +64,7 @@ class FCMAE(nn.Module):
         drop_path_rate: float = 0.0,
         patch_size: int = STRIDE,
         model_name: str | None = None,
+        use_grn: bool = True,
     ) -> None:
         super().__init__()
         check_mask_ratio(mask_ratio)
@@ -76,10 +77,10 @@ class FCMAE(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.patch_size = patch_size
-        self.encoder = SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate)
+        self.encoder = SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate, use_grn)
         self.proj = nn.Linear(dims[-1], decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
-        self.decoder = nn.Sequential(*[Block(decoder_embed_dim) for _ in range(decoder_depth)])
+        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, use_grn=use_grn) for _ in range(decoder_depth)])
         self.pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
         self._init_decoder()
 
@@ -184,10 +185,13 @@ def create_fcmae(
     decoder_embed_dim: int = 512,
     norm_pix_loss: bool = True,
     drop_path_rate: float = 0.0,
+    use_grn: bool = True,
 ) -> FCMAE:
-    """FCMAE around the named ConvNeXt V2 variant (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``)."""
+    """FCMAE around the named ConvNeXt V2 variant (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``).
+
+    ``use_grn=False``: encoder and decoder blocks without GRN."""
     spec = get_variant(name)
     return FCMAE(
         in_chans, spec.depths, spec.dims, mask_ratio, decoder_depth, decoder_embed_dim, norm_pix_loss,
-        drop_path_rate, model_name=canonical_name(name),
+        drop_path_rate, model_name=canonical_name(name), use_grn=use_grn,
     )
