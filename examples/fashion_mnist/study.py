@@ -14,9 +14,10 @@ Stages (each a ``python -m fcmae ...`` subprocess under ``nice``; settings in ``
 6. ``evaluate``: one run's exported weights must repeat its in-run top-1.
 
 Resumable: a training stage whose ``summary.json`` exists is skipped, an interrupted one continues with
-``run.resume=auto``; a probe/diagnose/evaluate stage is done when its JSON exists. After every stage (and with
-``--report-only``) the write-up ``docs/fashion_mnist.md``, ``results.json`` and the plots are regenerated from
-whatever is complete, marking what is missing. Results are read from the JSON files, never from stdout.
+``run.resume=auto``; a probe/diagnose/evaluate stage is done when its JSON exists. After every stage the write-up
+(markdown, ``results.json``, plots) is regenerated from whatever is complete, marking what is missing, into
+``<work>/report/`` (outside git); at the end of the study and with ``--report-only`` into ``docs/fashion_mnist.md``
+and ``docs/fashion_mnist/``. Results are read from the JSON files, never from stdout.
 """
 
 from __future__ import annotations
@@ -95,9 +96,13 @@ class Study:
         self.report()
         return done.is_file()
 
-    def report(self) -> None:
+    def report(self, publish: bool = False) -> None:
+        """Regenerate the write-up: into ``<work>/report/`` while the study runs (outside git), into ``out`` and
+        ``doc`` (docs/) with ``publish`` (at the end of the study, and with ``--report-only``)."""
+        out, doc = (self.out, REPO / self.cfg["doc"]) if publish else (self.work / "report",
+                                                                       self.work / "report" / "fashion_mnist.md")
         try:
-            write_report(self.cfg, self.work, self.out, REPO / self.cfg["doc"], self.config_path)
+            write_report(self.cfg, self.work, out, doc, self.config_path)
         except Exception as exc:  # a report problem must not stop the runs
             print(f"[report] failed: {type(exc).__name__}: {exc}", flush=True)
 
@@ -193,7 +198,7 @@ class Study:
             self.finetune_arm(arm)
         self.diagnose()
         self.evaluate_check()
-        self.report()
+        self.report(publish=True)
 
 
 def load_study_config(path: Path, smoke: bool) -> dict[str, Any]:
@@ -210,7 +215,7 @@ def main() -> None:
     args = ap.parse_args()
     study = Study(load_study_config(args.config, args.smoke), args.config)
     if args.report_only:
-        study.report()
+        study.report(publish=True)
     else:
         study.run()
 
