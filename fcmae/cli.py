@@ -1,4 +1,4 @@
-"""The ``fcmae`` console script: ``fcmae pretrain | convert | finetune | evaluate | visualize``.
+"""The ``fcmae`` console script: ``fcmae pretrain | convert | finetune | evaluate | visualize | probe | diagnose``.
 
 Each subcommand lives in its own module and exposes ``add_arguments(parser)`` and ``run(args) -> int``; this
 file only dispatches, importing the subcommand's module lazily so ``fcmae --help`` stays fast.
@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("fcmae.commands.finetune", "supervised fine-tuning of a dense ConvNeXt V2"),
     "evaluate": ("fcmae.commands.evaluate", "top-1/top-5 accuracy of a classifier checkpoint"),
     "visualize": ("fcmae.commands.visualize", "reconstruction figure of a pretraining checkpoint on images"),
+    "probe": ("fcmae.commands.probe", "frozen-feature k-NN and linear-probe top-1 of any encoder weights"),
+    "diagnose": ("fcmae.commands.diagnose", "feature-collapse analysis: channel cosine distance per block, plots"),
 }
 
 

@@ -39,6 +39,7 @@ class ModelConfig:
     name: str = "convnextv2_base"
     in_chans: int = 3
     drop_path_rate: float = 0.0
+    use_grn: bool = True  # false: ConvNeXt V2 blocks without GRN (the paper's ablation; no GRN parameters)
 
 
 @dataclass
@@ -159,11 +160,33 @@ class PretrainRunConfig(RunConfig):
 
 
 @dataclass
+class MonitorConfig:
+    """k-NN monitor: top-1 of a weighted k-NN classifier on the encoder's frozen features during pretraining.
+
+    Off unless ``train`` and ``val`` name labelled sets (dataset specs, e.g. ``fashion_mnist:train`` /
+    ``fashion_mnist:test``, or class folders). Seeded stratified subsets of ``train_size`` / ``val_size`` images keep
+    it cheap; it runs every ``every_epochs`` epochs and/or every ``every_steps`` steps, and at the end.
+    """
+
+    train: str = ""  # labelled set of the k-NN memory ("" = monitor off)
+    val: str = ""  # labelled set it is scored on
+    train_size: int = 2000
+    val_size: int = 1000
+    every_epochs: int = 1  # 0 = not at epoch ends
+    every_steps: int = 0  # 0 = not by steps
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256
+    data_root: str = ""  # Fashion-MNIST IDX folder ("" = data.path or the Debian location)
+
+
+@dataclass
 class PretrainConfig:
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
         _validate_common(self, ("demo", "folder", "imagenet", "fashion_mnist"))
@@ -171,10 +194,20 @@ class PretrainConfig:
         _check(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "must be in [0, 1)")
         _check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth, "must be >= 0")
         _check(m.decoder_embed_dim >= 1, "model.decoder_embed_dim", m.decoder_embed_dim, "must be >= 1")
+        _check(m.use_grn or m.backend == "torch", "model.use_grn", m.use_grn,
+               "must be true with model.backend=minkowski (that backend has no GRN-free blocks)")
         _check(d.source in ("demo", "fashion_mnist") or d.path != "", "data.path", d.path,
                f"is required for data.source={d.source}")
         _check(r.export_every_epochs >= 0, "run.export_every_epochs", r.export_every_epochs, "must be >= 0")
         _check(r.num_vis_images >= 1, "run.num_vis_images", r.num_vis_images, "must be >= 1")
+        mo = self.monitor
+        _check(bool(mo.train) == bool(mo.val), "monitor.val" if mo.train else "monitor.train",
+               mo.val if mo.train else mo.train, "must be set too: the monitor needs both train and val")
+        for key in ("train_size", "val_size", "k", "batch_size"):
+            _check(getattr(mo, key) >= 1, f"monitor.{key}", getattr(mo, key), "must be >= 1")
+        for key in ("every_epochs", "every_steps"):
+            _check(getattr(mo, key) >= 0, f"monitor.{key}", getattr(mo, key), "must be >= 0 (0 = off)")
+        _check(mo.temperature > 0, "monitor.temperature", mo.temperature, "must be > 0")
 
 
 # --------------------------------------------------------------------------------------------- fine-tuning

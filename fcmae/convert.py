@@ -33,6 +33,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 
+import torch
 from torch import Tensor
 
 from fcmae.models.convnextv2 import canonical_name, get_variant, list_models
@@ -68,6 +69,7 @@ def dense_to_timm(state_dict: StateDict, model_name: str) -> StateDict:
     """Our dense layout -> timm's ``convnextv2_*`` layout (MLP weights shaped as timm's variant expects)."""
     name = canonical_name(model_name)
     conv_mlp = name in _TIMM_CONV_MLP
+    state_dict = with_identity_grn(state_dict)
     out: StateDict = {}
     unplaced: list[str] = []
     for key, t in state_dict.items():
@@ -150,6 +152,7 @@ def dense_to_transformers(state_dict: Mapping[str, Tensor]) -> StateDict:
     GRN ``(4C,)`` -> ``(1, 1, 1, 4C)``; with ``head.*`` present every trunk key gets the ``convnextv2.`` prefix and
     the head becomes ``classifier.*``.
     """
+    state_dict = with_identity_grn(state_dict)
     with_head = any(k.startswith("head.") for k in state_dict)
     prefix = _HF_PREFIX if with_head else ""
     out: StateDict = {}
@@ -205,6 +208,26 @@ _HF_MARK_RE = re.compile(
     r"^(convnextv2\.)?(embeddings\.patch_embeddings\.|encoder\.stages\.\d+\.(layers|downsampling_layer)\.)"
 )
 _GRN_GAMMA_RE = re.compile(r"stages\.\d+\.\d+\.grn\.gamma")
+_STAGE_KEY_RE = re.compile(r"stages\.\d+\.\d+\.(dwconv|pwconv1)\.weight$")
+
+
+def has_grn(dense_sd: Mapping[str, Tensor]) -> bool:
+    """Whether dense weights have GRN parameters (False: a model built with ``use_grn=False``)."""
+    return any(_GRN_GAMMA_RE.fullmatch(k) for k in dense_sd)
+
+
+def with_identity_grn(dense_sd: Mapping[str, Tensor]) -> StateDict:
+    """GRN-free dense weights + zero GRN ``gamma``/``beta`` ``(4C,)`` in every block: a GRN with zero parameters is
+    the identity, so the result computes the same function in a model with GRN (timm's and transformers' always
+    have one). Weights with GRN are returned unchanged (as a new dict)."""
+    out = dict(dense_sd)
+    if has_grn(out):
+        return out
+    for key, t in dense_sd.items():
+        if m := re.fullmatch(r"(stages\.\d+\.\d+\.)pwconv1\.bias", key):
+            out[m[1] + "grn.gamma"] = torch.zeros_like(t)
+            out[m[1] + "grn.beta"] = torch.zeros_like(t)
+    return out
 
 
 def is_decoder_key(key: str) -> bool:
@@ -253,6 +276,10 @@ def detect_layout(state_dict: Mapping[str, Tensor]) -> str:
         return "timm"
     gammas = [body[k] for k in body if _GRN_GAMMA_RE.fullmatch(k)]
     has_trunk = any(k.startswith("downsample_layers.") for k in body)
+    if not gammas and has_trunk and any(_STAGE_KEY_RE.match(k) for k in body):
+        # blocks without GRN (model.use_grn=false): the dense-named layouts differ only in GRN shapes, so these
+        # weights are ours whatever wrote them
+        return "fcmae" if prefixed else "dense"
     if gammas and has_trunk:
         ndims = {g.ndim for g in gammas}
         if ndims == {1}:
@@ -436,8 +463,10 @@ def infer_variant(dense_sd: Mapping[str, Tensor]) -> str:
     raise ConversionError(f"no registered variant has depths {depths} and dims {dims} (known: {known})")
 
 
-def expected_dense_shapes(model_name: str, num_classes: int = 0, in_chans: int = 3) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of ``create_model(model_name, num_classes, in_chans).state_dict()``, without building it.
+def expected_dense_shapes(model_name: str, num_classes: int = 0, in_chans: int = 3, use_grn: bool = True
+                          ) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of ``create_model(model_name, num_classes, in_chans, use_grn=...).state_dict()``, without
+    building it.
 
     Computed from the registry so that checking a huge checkpoint costs nothing (building convnextv2_huge takes
     seconds and gigabytes); a test pins this against the real model.
@@ -462,9 +491,10 @@ def expected_dense_shapes(model_name: str, num_classes: int = 0, in_chans: int =
                 p + "dwconv.weight": (c, 1, 7, 7), p + "dwconv.bias": (c,),
                 p + "norm.weight": (c,), p + "norm.bias": (c,),
                 p + "pwconv1.weight": (4 * c, c), p + "pwconv1.bias": (4 * c,),
-                p + "grn.gamma": (4 * c,), p + "grn.beta": (4 * c,),
                 p + "pwconv2.weight": (c, 4 * c), p + "pwconv2.bias": (c,),
             })
+            if use_grn:
+                shapes.update({p + "grn.gamma": (4 * c,), p + "grn.beta": (4 * c,)})
     shapes["norm.weight"] = (d[-1],)
     shapes["norm.bias"] = (d[-1],)
     if num_classes > 0:
@@ -477,7 +507,8 @@ def check_against_model(dense_sd: Mapping[str, Tensor], model_name: str) -> str:
     """Verify every key and shape against ``create_model(model_name, num_classes=<from head or 0>)``.
 
     ``in_chans`` follows the stem weight; the final ``norm`` may be absent (encoder-only exports). Returns the
-    canonical model name; raises ``ConversionError`` naming keys with expected and found shapes.
+    canonical model name; raises ``ConversionError`` naming keys with expected and found shapes. Weights without any
+    GRN parameter are checked against the GRN-free model (``use_grn=False``).
     """
     try:
         name = canonical_name(model_name)
@@ -486,7 +517,7 @@ def check_against_model(dense_sd: Mapping[str, Tensor], model_name: str) -> str:
     head = dense_sd.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None else 0
     in_chans = infer_in_chans(dense_sd) if "downsample_layers.0.0.weight" in dense_sd else 3
-    expected = expected_dense_shapes(name, num_classes, in_chans)
+    expected = expected_dense_shapes(name, num_classes, in_chans, use_grn=has_grn(dense_sd))
     problems: list[str] = []
     for key, t in dense_sd.items():
         if key not in expected:

@@ -127,7 +127,8 @@ class FinetuneRecipe(Recipe):
         if self.num_classes < len(self.data.classes):
             raise ValueError(f"model.num_classes={self.num_classes} but the data has {len(self.data.classes)} classes")
         self.train_set = self.data.train
-        self.model = create_model(m.name, self.num_classes, m.in_chans, m.drop_path_rate, m.head_init_scale)
+        self.model = create_model(m.name, self.num_classes, m.in_chans, m.drop_path_rate, m.head_init_scale,
+                                  use_grn=m.use_grn)
         self.init_info = load_weights(self.model, m.init, m.init_ema) if m.init else None
         if cfg.run.linear_probe:
             enable_linear_probe(self.model)

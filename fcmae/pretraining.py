@@ -4,7 +4,8 @@ What differs from any other run (the loop itself is :class:`fcmae.trainer.Traine
 :func:`fcmae.models.fcmae.create_fcmae`; the data is the pretraining set with a random mask per sample (seeded like
 the augmentation); every parameter is optimised with weight decay on conv/linear weights only; the loss is the
 model's masked-patch MSE; every ``run.export_every_epochs`` epochs and at the end the encoder weights
-(``encoder.safetensors``) and a reconstruction figure (``reconstruction.png``) are written.
+(``encoder.safetensors``) and a reconstruction figure (``reconstruction.png``, also a TensorBoard image) are written.
+With a ``monitor`` section the k-NN top-1 of the encoder's features is logged as ``knn_top1`` (:mod:`fcmae.monitor`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
     m = cfg.model
     return create_fcmae(m.name, in_chans=m.in_chans, mask_ratio=m.mask_ratio, decoder_depth=m.decoder_depth,
                         decoder_embed_dim=m.decoder_embed_dim, norm_pix_loss=m.norm_pix_loss,
-                        drop_path_rate=m.drop_path_rate, backend=m.backend)
+                        drop_path_rate=m.drop_path_rate, use_grn=m.use_grn, backend=m.backend)
 
 
 def export_encoder(model: nn.Module, cfg: PretrainConfig, path: Path, epoch: int, step: int) -> Path:
@@ -47,6 +48,8 @@ class PretrainRecipe(Recipe):
 
     def __init__(self, cfg: PretrainConfig) -> None:
         self.cfg = cfg
+        self.monitor: Any = None
+        self.knn: dict[str, Any] = {}  # the last k-NN measurement
 
     def setup(self, trainer: Trainer) -> None:
         from fcmae.data import SeededSamples, build_pretrain_dataset
@@ -63,6 +66,27 @@ class PretrainRecipe(Recipe):
         if trainer.accelerator.is_main_process:  # fixed images and masks for every figure of the run
             items = [self.train_set[i] for i in range(min(self.cfg.run.num_vis_images, len(self.train_set)))]
             self.vis = (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]))
+            if self.cfg.monitor.train:
+                from fcmae.monitor import KnnMonitor
+
+                m, d = self.cfg.model, self.cfg.data
+                self.monitor = KnnMonitor(self.cfg.monitor, m.name, m.in_chans, d.input_size, m.use_grn,
+                                          d.path if d.source == "fashion_mnist" else None)
+
+    def measure_knn(self, trainer: Trainer) -> None:
+        """k-NN top-1 of the current encoder: logged (metrics.jsonl, TensorBoard) and printed; main process."""
+        if self.monitor is None or self.knn.get("step") == trainer.state.step:
+            return
+        st = trainer.state
+        self.knn = {"step": st.step, "epoch": st.epoch, **self.monitor.measure(trainer.unwrapped.encoder)}
+        trainer.logger.log(self.knn)
+        trainer.say(f"k-NN monitor at step {st.step}: top-1 {self.knn['knn_top1']:.2f} "
+                    f"({self.knn['knn_seconds']:.1f} s)")
+
+    def after_step(self, trainer: Trainer) -> None:
+        every = self.cfg.monitor.every_steps
+        if every and trainer.state.step % every == 0:
+            self.measure_knn(trainer)
 
     def describe(self, trainer: Trainer) -> list[str]:
         acc, d = trainer.accelerator, self.cfg.data
@@ -75,6 +99,9 @@ class PretrainRecipe(Recipe):
         return model(batch[0], batch[1])["loss"]
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        knn_every = self.cfg.monitor.every_epochs
+        if knn_every and trainer.state.epoch % knn_every == 0:
+            self.measure_knn(trainer)
         every, st = self.cfg.run.export_every_epochs, trainer.state
         if every and st.epoch % every == 0 and st.step < trainer.schedule.last_step:
             self.export(trainer)
@@ -96,7 +123,11 @@ class PretrainRecipe(Recipe):
         return {"figure": str(fig), "encoder": str(out / "encoder.safetensors")}
 
     def finish(self, trainer: Trainer) -> dict[str, Any]:
-        return self.export(trainer)
+        out = self.export(trainer)
+        if self.monitor is not None:
+            self.measure_knn(trainer)
+            out.update(knn_top1=self.knn["knn_top1"], knn_step=self.knn["step"])
+        return out
 
 
 def run_pretraining(cfg: PretrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:

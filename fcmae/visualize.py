@@ -1,4 +1,5 @@
-"""Reconstruction figures: original | masked | reconstruction | reconstruction pasted into the visible patches."""
+"""Reconstruction figures: original | masked | prediction at the removed patches | prediction pasted into the visible
+patches."""
 
 from __future__ import annotations
 
@@ -58,12 +59,15 @@ def reconstruction_grid(
     std: tuple[float, ...],
     min_cell: int = 160,
 ) -> Image.Image:
-    """One row per image: original | masked (removed patches grey) | reconstruction | pasted reconstruction."""
+    """One row per image: original | masked (removed patches grey) | the prediction at the removed patches (visible
+    ones grey: the decoder is never trained there, its output at visible cells is noise) | the prediction pasted
+    into the visible patches."""
     rec, pix = reconstruct(model, imgs, mask)
     imgs = imgs.float().cpu()
     rec, pix = rec.cpu(), pix.cpu()
     grey = torch.zeros_like(imgs)  # 0 in normalised space = the dataset mean colour
     masked = torch.where(pix, grey, imgs)
+    predicted = torch.where(pix, rec, grey)
     pasted = torch.where(pix, rec, imgs)
     n, _, height, width = imgs.shape
     scale = max(1, -(-min_cell // max(height, width)))
@@ -71,7 +75,7 @@ def reconstruction_grid(
     cols = 4
     canvas = Image.new("RGB", (cols * (width * scale + pad) + pad, n * (height * scale + pad) + pad), (255, 255, 255))
     for i in range(n):
-        for j, t in enumerate((imgs[i], masked[i], rec[i], pasted[i])):
+        for j, t in enumerate((imgs[i], masked[i], predicted[i], pasted[i])):
             tile = Image.fromarray(_to_uint8(t, mean, std))
             if scale > 1:
                 tile = tile.resize((width * scale, height * scale), Image.NEAREST)

@@ -119,6 +119,12 @@ def _fit(model: nn.Module, dense: dict[str, Tensor], layout: str, meta: dict[str
     mismatched = [f"{k} {tuple(dense[k].shape)} vs {tuple(target[k].shape)}" for k in dense
                   if k in target and dense[k].shape != target[k].shape]
     missing = [k for k in target if k not in dense and not k.startswith(("norm.", "head."))]
+    if missing and not unexpected and not mismatched and all(".grn." in k for k in missing):
+        raise WeightsError(f"{src}: these weights have no GRN (a model trained with model.use_grn=false) but the model "
+                           "has GRN layers; build it with use_grn=False (config: model.use_grn=false)")
+    if unexpected and not missing and not mismatched and all(".grn." in k for k in unexpected):
+        raise WeightsError(f"{src}: these weights have GRN layers but the model has none (model.use_grn=false); "
+                           "build it with use_grn=True")
     if unexpected or mismatched or missing:
         shown = "; ".join([*(f"unexpected {k}" for k in unexpected[:3]), *mismatched[:3],
                            *(f"missing {k}" for k in missing[:3])])
@@ -139,7 +145,7 @@ def load_classifier(path: str | Path, name: str | None = None, in_chans: int | N
     Returns ``(model in eval mode, info)`` with ``load_weights``'s info plus ``name``, ``num_classes``,
     ``weight_in_chans``; a file without a classifier head is a ``WeightsError``.
     """
-    from fcmae.convert import check_against_model, infer_in_chans, infer_variant
+    from fcmae.convert import check_against_model, has_grn, infer_in_chans, infer_variant
     from fcmae.models.convnextv2 import create_model
 
     dense, layout, meta, src = read_dense(path, ema)
@@ -148,9 +154,29 @@ def load_classifier(path: str | Path, name: str | None = None, in_chans: int | N
                            "fine-tune them first (fcmae finetune --init ...)")
     name = check_against_model(dense, name) if name else infer_variant(dense)
     weight_chans = infer_in_chans(dense)
-    model = create_model(name, num_classes=int(dense["head.weight"].shape[0]), in_chans=in_chans or weight_chans)
+    model = create_model(name, num_classes=int(dense["head.weight"].shape[0]), in_chans=in_chans or weight_chans,
+                         use_grn=has_grn(dense))
     info = _fit(model, dense, layout, meta, src)
     info.update(name=name, num_classes=model.num_classes, weight_in_chans=weight_chans)
+    return model.eval(), info
+
+
+def load_encoder(path: str | Path, in_chans: int | None = None, ema: bool = False
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """A dense ConvNeXt V2 trunk without classifier (``num_classes=0``) from weights in any layout: variant and GRN
+    from the weights, ``in_chans`` the stem's unless given (then the stem is adapted). Any head in the file is left
+    out; a missing final norm stays the identity. Returns ``(model in eval mode, info)`` as ``load_classifier``."""
+    from fcmae.convert import has_grn, infer_in_chans, infer_variant
+    from fcmae.models.convnextv2 import create_model
+
+    dense, layout, meta, src = read_dense(path, ema)
+    dense.pop("head.weight", None)
+    dense.pop("head.bias", None)
+    name = infer_variant(dense)
+    weight_chans = infer_in_chans(dense)
+    model = create_model(name, num_classes=0, in_chans=in_chans or weight_chans, use_grn=has_grn(dense))
+    info = _fit(model, dense, layout, meta, src)
+    info.update(name=name, num_classes=0, weight_in_chans=weight_chans, use_grn=model.use_grn)
     return model.eval(), info
 
 

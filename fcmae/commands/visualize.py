@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         r = _visualize(args)
         for why in r["skipped"]:
             print(f"skipped: {why}")
-        print(f"wrote {r['figure']} ({len(r['images'])} images: original | masked | reconstruction | "
-              "reconstruction + visible)")
+        print(f"wrote {r['figure']} ({len(r['images'])} images: original | masked | prediction at removed patches | "
+              "prediction + visible)")
         write_json(args.json, r)
         return 0
 

@@ -146,23 +146,29 @@ class GRN(nn.Module):
 
 
 class Block(nn.Module):
-    """ConvNeXt V2 block: dwconv 7x7 -> LayerNorm -> Linear 4x -> GELU -> GRN -> Linear, residual."""
+    """ConvNeXt V2 block: dwconv 7x7 -> LayerNorm -> Linear 4x -> GELU -> GRN -> Linear, residual.
 
-    def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 7) -> None:
+    ``use_grn=False`` gives the same block without GRN (``grn`` is None: no GRN parameters at all), the ablation
+    of the ConvNeXt V2 paper (a ConvNeXt V1 block without layer scale).
+    """
+
+    def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 7, use_grn: bool = True) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
-        self.grn = GRN(4 * dim)
+        self.grn = GRN(4 * dim) if use_grn else None
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def mlp(self, x: Tensor, grn: Callable[[Tensor], Tensor]) -> Tensor:
-        """The per-position part on channels-last ``(..., C)`` input; ``grn`` applies GRN to ``(..., 4C)``."""
+        """The per-position part on channels-last ``(..., C)`` input; ``grn`` applies GRN to ``(..., 4C)`` (skipped
+        when the block has no GRN)."""
         x = self.norm(x)
         x = self.act(self.pwconv1(x))
-        x = grn(x)
+        if self.grn is not None:
+            x = grn(x)
         return self.pwconv2(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -192,6 +198,7 @@ class ConvNeXtV2Trunk(nn.Module):
         depths: tuple[int, ...] = (3, 3, 9, 3),
         dims: tuple[int, ...] = (96, 192, 384, 768),
         drop_path_rate: float = 0.0,
+        use_grn: bool = True,
     ) -> None:
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
@@ -199,6 +206,7 @@ class ConvNeXtV2Trunk(nn.Module):
         self.in_chans = in_chans
         self.depths = tuple(depths)
         self.dims = tuple(dims)
+        self.use_grn = use_grn
         self.downsample_layers = nn.ModuleList([_stem(in_chans, dims[0])])
         for i in range(3):
             self.downsample_layers.append(_downsample(dims[i], dims[i + 1]))
@@ -208,7 +216,8 @@ class ConvNeXtV2Trunk(nn.Module):
         self.stages = nn.ModuleList()
         cur = 0
         for i in range(4):
-            self.stages.append(nn.Sequential(*[Block(dims[i], rates[cur + j]) for j in range(depths[i])]))
+            blocks = [Block(dims[i], rates[cur + j], use_grn=use_grn) for j in range(depths[i])]
+            self.stages.append(nn.Sequential(*blocks))
             cur += depths[i]
         self.num_features = dims[-1]
 
@@ -268,8 +277,9 @@ class ConvNeXtV2(ConvNeXtV2Trunk):
         dims: tuple[int, ...] = (96, 192, 384, 768),
         drop_path_rate: float = 0.0,
         head_init_scale: float = 1.0,
+        use_grn: bool = True,
     ) -> None:
-        super().__init__(in_chans, depths, dims, drop_path_rate)
+        super().__init__(in_chans, depths, dims, drop_path_rate, use_grn)
         self.num_classes = num_classes
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head: nn.Module = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -318,14 +328,16 @@ def create_model(
     drop_path_rate: float = 0.0,
     head_init_scale: float = 1.0,
     pretrained: str | os.PathLike[str] | None = None,
+    use_grn: bool = True,
 ) -> ConvNeXtV2:
     """Build a dense ConvNeXt V2 variant by name (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``).
 
     ``pretrained``: weights in any layout ``fcmae convert`` reads (our exports, the official releases and trainer
     checkpoints, timm), loaded by :func:`fcmae.weights.load_weights`; a missing or mis-shaped head is re-initialised.
+    ``use_grn=False``: blocks without GRN (no GRN parameters).
     """
     spec = get_variant(name)
-    model = ConvNeXtV2(in_chans, num_classes, spec.depths, spec.dims, drop_path_rate, head_init_scale)
+    model = ConvNeXtV2(in_chans, num_classes, spec.depths, spec.dims, drop_path_rate, head_init_scale, use_grn)
     if pretrained:
         from fcmae.weights import load_weights
 

@@ -48,13 +48,16 @@ ENCODER_BACKENDS = ("torch", "minkowski")
 
 
 def _sparse_encoder(backend: str, in_chans: int, depths: tuple[int, ...], dims: tuple[int, ...],
-                    drop_path_rate: float) -> nn.Module:
+                    drop_path_rate: float, use_grn: bool = True) -> nn.Module:
     """``"torch"``: our pure-PyTorch sparse encoder (default); ``"minkowski"``: the MinkowskiEngine formulation
     (optional, ``scripts/install_minkowski.sh``). Same parameters, same ``forward(imgs, keep)``."""
     if backend == "torch":
-        return SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate)
+        return SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate, use_grn)
     if backend == "minkowski":
         from fcmae.models.minkowski import MinkowskiConvNeXtV2
+
+        if not use_grn:
+            raise ValueError("use_grn=False (model.use_grn=false) is not available with the minkowski backend")
 
         return MinkowskiConvNeXtV2(in_chans, depths, dims, drop_path_rate)
     raise ValueError(f"unknown encoder backend {backend!r}; choose one of {', '.join(ENCODER_BACKENDS)}")
@@ -81,6 +84,7 @@ class FCMAE(nn.Module):
         patch_size: int = STRIDE,
         model_name: str | None = None,
         backend: str = "torch",
+        use_grn: bool = True,
     ) -> None:
         super().__init__()
         check_mask_ratio(mask_ratio)
@@ -94,10 +98,10 @@ class FCMAE(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.patch_size = patch_size
         self.backend = backend
-        self.encoder = _sparse_encoder(backend, in_chans, depths, dims, drop_path_rate)
+        self.encoder = _sparse_encoder(backend, in_chans, depths, dims, drop_path_rate, use_grn)
         self.proj = nn.Linear(dims[-1], decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
-        self.decoder = nn.Sequential(*[Block(decoder_embed_dim) for _ in range(decoder_depth)])
+        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, use_grn=use_grn) for _ in range(decoder_depth)])
         self.pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
         self._init_decoder()
 
@@ -203,13 +207,15 @@ def create_fcmae(
     norm_pix_loss: bool = True,
     drop_path_rate: float = 0.0,
     backend: str = "torch",
+    use_grn: bool = True,
 ) -> FCMAE:
     """FCMAE around the named ConvNeXt V2 variant (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``).
 
     ``backend``: ``"torch"`` (default) or ``"minkowski"`` (needs MinkowskiEngine: ``scripts/install_minkowski.sh``).
+    ``use_grn=False``: encoder and decoder blocks without GRN (the paper's ablation).
     """
     spec = get_variant(name)
     return FCMAE(
         in_chans, spec.depths, spec.dims, mask_ratio, decoder_depth, decoder_embed_dim, norm_pix_loss,
-        drop_path_rate, model_name=canonical_name(name), backend=backend,
+        drop_path_rate, model_name=canonical_name(name), backend=backend, use_grn=use_grn,
     )

@@ -40,7 +40,8 @@ def _masked_block(x: Tensor, blk: Block, visible_nchw: Tensor, visible_nhwc: Ten
     y = (y * visible_nchw).permute(0, 2, 3, 1)
     y = _ln_last(y, blk.norm)
     y = F.gelu(F.linear(y, blk.pwconv1.weight, blk.pwconv1.bias))
-    y = _masked_grn(y, blk.grn, visible_nhwc)
+    if blk.grn is not None:
+        y = _masked_grn(y, blk.grn, visible_nhwc)
     y = F.linear(y, blk.pwconv2.weight, blk.pwconv2.bias)
     return x + blk.drop_path(y.permute(0, 3, 1, 2))
 
@@ -72,16 +73,17 @@ class ReferenceFCMAE(nn.Module):
 
     def __init__(self, in_chans: int = 3, depths: tuple[int, ...] = (3, 3, 9, 3),
                  dims: tuple[int, ...] = (96, 192, 384, 768), mask_ratio: float = 0.6, decoder_depth: int = 1,
-                 decoder_embed_dim: int = 512, norm_pix_loss: bool = True, drop_path_rate: float = 0.0) -> None:
+                 decoder_embed_dim: int = 512, norm_pix_loss: bool = True, drop_path_rate: float = 0.0,
+                 use_grn: bool = True) -> None:
         super().__init__()
         self.in_chans = in_chans
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.encoder = ConvNeXtV2Trunk(in_chans, depths, dims, drop_path_rate)
+        self.encoder = ConvNeXtV2Trunk(in_chans, depths, dims, drop_path_rate, use_grn)
         self.encoder.init_weights()
         self.proj = nn.Linear(dims[-1], decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
-        self.decoder = nn.Sequential(*[Block(decoder_embed_dim) for _ in range(decoder_depth)])
+        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, use_grn=use_grn) for _ in range(decoder_depth)])
         self.pred = nn.Linear(decoder_embed_dim, STRIDE * STRIDE * in_chans)
         nn.init.normal_(self.mask_token, std=0.02)
 

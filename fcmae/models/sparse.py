@@ -161,8 +161,9 @@ class SparseConvNeXtV2(ConvNeXtV2Trunk):
         depths: tuple[int, ...] = (3, 3, 9, 3),
         dims: tuple[int, ...] = (96, 192, 384, 768),
         drop_path_rate: float = 0.0,
+        use_grn: bool = True,
     ) -> None:
-        super().__init__(in_chans, depths, dims, drop_path_rate)
+        super().__init__(in_chans, depths, dims, drop_path_rate, use_grn)
         self.init_weights()
 
     def _stem(self, imgs: Tensor, keep: Tensor) -> Tensor:

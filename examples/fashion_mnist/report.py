@@ -1,0 +1,273 @@
+"""The Fashion-MNIST study's write-up, regenerated from whatever stages are complete (their JSON files only).
+
+``write_report(cfg, work, out, doc, config_path)`` writes ``doc`` (markdown), ``out/results.json`` and, when
+matplotlib is installed, ``out/knn_monitor.png``, ``out/pretrain_loss.png``, ``out/accuracy_vs_budget.png`` and a
+copy of the diagnose plots and of the reconstruction figure. Missing stages show as "pending".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+PENDING = "pending"
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return PENDING
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f} (n={len(values)})"
+
+
+# ------------------------------------------------------------------------------------------- collecting
+def collect(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Everything the write-up shows, from the stage outputs under ``work``."""
+    probes = {}
+    for arm in ["raw_pixels", "random_init", *cfg["pretrain"]["arms"]]:
+        r = _json(work / "probe" / f"{arm}.json")
+        probes[arm] = r and {"summary": r["summary"], "runs": r["runs"], "input_size": r["input_size"],
+                             "feature_seconds": r["feature_seconds"], "probe_seconds": r["probe_seconds"]}
+    pretrain = {}
+    for arm in cfg["pretrain"]["arms"]:
+        d = work / "pretrain" / arm
+        s = _json(d / "summary.json")
+        m = _metrics(d / "metrics.jsonl")
+        pretrain[arm] = {"complete": s is not None, "summary": s,
+                         "knn": [(r["step"], r["knn_top1"]) for r in m if "knn_top1" in r],
+                         "loss": [(r["step"], r["loss"]) for r in m if "loss" in r and "summary" not in r]}
+    finetune: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    f = cfg["finetune"]
+    for arm, a in f["arms"].items():
+        for budget in a.get("budgets") or list(f["budgets"]):
+            for seed in a.get("seeds") or f["budgets"][budget]["seeds"]:
+                s = _json(work / "finetune" / f"{arm}_{budget}_s{seed}" / "summary.json")
+                if s is not None:
+                    finetune.setdefault(arm, {}).setdefault(budget, []).append(
+                        {"seed": seed, "top1": s["val_top1"], "ema_top1": s.get("ema_top1"), "wall_s": s["wall_s"],
+                         "steps": s["steps"], "train_images": s["train_images"]})
+    diag = sorted((work / "diagnose").glob("*/diagnose.json"), key=lambda p: p.stat().st_mtime)
+    return {"probe": probes, "pretrain": pretrain, "finetune": finetune,
+            "diagnose": _json(diag[-1]) if diag else None, "diagnose_dir": str(diag[-1].parent) if diag else None,
+            "evaluate_check": _json(work / "evaluate" / f"{cfg['evaluate_check']['run']}.json")}
+
+
+# ------------------------------------------------------------------------------------------- tables
+def _budget_names(cfg: dict[str, Any]) -> list[tuple[str, int]]:
+    """``[(budget tag, labels per class)]``, e.g. ``("1pct", 60)``."""
+    return [(b, v["labels_per_class"]) for b, v in cfg["finetune"]["budgets"].items()]
+
+
+def probe_table(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    budgets = _budget_names(cfg)
+    head = "| features | " + " | ".join(f"k-NN {b}" for b, _ in budgets) + " | " + \
+        " | ".join(f"linear {b}" for b, _ in budgets) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(budgets))]
+    titles = {"raw_pixels": "raw pixels (trivial baseline)", "random_init": "random init (no pretraining)",
+              "fcmae_grn": "FCMAE, GRN", "fcmae_nogrn": "FCMAE, no GRN"}
+    for arm, r in res["probe"].items():
+        cells = []
+        for metric in ("knn_top1", "linear_top1"):
+            for _, k in budgets:
+                row = next((x for x in (r or {}).get("summary", []) if x["labels_per_class"] == k), None)
+                cells.append(_ms([x[metric] for x in r["runs"] if x["labels_per_class"] == k]) if row else PENDING)
+        lines.append(f"| {titles.get(arm, arm)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def finetune_table(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    budgets = _budget_names(cfg)
+    f = cfg["finetune"]
+    lines = ["| init | " + " | ".join(f"{b} ({f['budgets'][b]['steps']} steps)" for b, _ in budgets) + " |",
+             "|" + "---|" * (1 + len(budgets))]
+    for arm, a in f["arms"].items():
+        runs = res["finetune"].get(arm, {})
+        cells = []
+        for b, _ in budgets:
+            if a.get("budgets") and b not in a["budgets"]:
+                cells.append("not run")
+            else:
+                cells.append(_ms([r["top1"] for r in runs.get(b, [])]))
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def status_lines(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    f = cfg["finetune"]
+    expected = sum(len(a.get("seeds") or f["budgets"][b]["seeds"]) for a in f["arms"].values()
+                   for b in (a.get("budgets") or f["budgets"]))
+    done = sum(len(v) for arm in res["finetune"].values() for v in arm.values())
+    pre = [f"{a}: {'done' if v['complete'] else ('running/interrupted' if v['loss'] else PENDING)}"
+           for a, v in res["pretrain"].items()]
+    probes = [a for a, v in res["probe"].items() if v]
+    diag = res["diagnose"]
+    diag_txt = f"done ({', '.join(m['name'] for m in diag['models'])})" if diag else PENDING
+    return [f"- pretraining: {'; '.join(pre)}",
+            f"- frozen-feature probes done: {', '.join(probes) or 'none'} (of {', '.join(res['probe'])})",
+            f"- fine-tuning runs done: {done} of {expected}",
+            f"- diagnose: {diag_txt}",
+            f"- evaluate cross-check: {'done' if res['evaluate_check'] else PENDING}"]
+
+
+# ------------------------------------------------------------------------------------------- plots
+def plots(cfg: dict[str, Any], res: dict[str, Any], out: Path) -> list[str]:
+    """PNG files written to ``out`` (none without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for key, ylabel, name in (("knn", "k-NN top-1 (%)", "knn_monitor.png"), ("loss", "loss", "pretrain_loss.png")):
+        series = {a: v[key] for a, v in res["pretrain"].items() if v[key]}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+        for arm, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if key == "knn" else None, label=arm)
+        ax.set_xlabel("pretraining step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        written.append(name)
+    budgets = _budget_names(cfg)
+    if res["finetune"]:
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+        for arm, runs in res["finetune"].items():
+            xs = [i for i, (b, _) in enumerate(budgets) if b in runs]
+            ys = [statistics.mean(r["top1"] for r in runs[budgets[i][0]]) for i in xs]
+            es = [statistics.pstdev([r["top1"] for r in runs[budgets[i][0]]]) for i in xs]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"fine-tune: {arm}")
+        for arm in ("raw_pixels",):
+            r = res["probe"].get(arm)
+            if r:
+                ys = [next((x["linear_top1_mean"] for x in r["summary"] if x["labels_per_class"] == k), math.nan)
+                      for _, k in budgets]
+                ax.plot(range(len(budgets)), ys, ls="--", color="grey", label="logistic regression on pixels")
+        ax.set_xticks(range(len(budgets)), [b for b, _ in budgets])
+        ax.set_xlabel("labels")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_budget.png")
+        plt.close(fig)
+        written.append("accuracy_vs_budget.png")
+    return written
+
+
+def _copy_figures(cfg: dict[str, Any], res: dict[str, Any], work: Path, out: Path) -> list[str]:
+    copied = []
+    if res["diagnose_dir"]:
+        for name in ("cosine_distance.png", "activations.png"):
+            src = Path(res["diagnose_dir"]) / name
+            if src.is_file():
+                shutil.copyfile(src, out / name)
+                copied.append(name)
+    for arm in cfg["pretrain"]["arms"]:
+        src = work / "pretrain" / arm / "reconstruction.png"
+        if src.is_file() and res["pretrain"][arm]["complete"]:
+            shutil.copyfile(src, out / f"reconstruction_{arm}.png")
+            copied.append(f"reconstruction_{arm}.png")
+    return copied
+
+
+# ------------------------------------------------------------------------------------------- the write-up
+def _recipes(cfg: dict[str, Any]) -> list[str]:
+    p, f = cfg["pretrain"], cfg["finetune"]
+    po = p["overrides"]
+    lines = [f"- **Pretraining** (`fcmae pretrain`, arms {', '.join(f'`{a}`: {v}' for a, v in p['arms'].items())}):"
+             f" {po['model.name']}, {po['data.input_size']} px (28 px upsampled), mask ratio {po['model.mask_ratio']},"
+             f" decoder {po['model.decoder_depth']} x {po['model.decoder_embed_dim']}, batch {po['run.batch_size']},"
+             f" blr {po['optim.blr']}, {po['optim.steps']} steps ({po['optim.warmup_steps']} warmup, cosine to 0),"
+             f" k-NN monitor every {po['monitor.every_steps']} steps ({po['monitor.train_size']} labelled training"
+             f" images as memory, {po['monitor.val_size']} test images).",
+             f"- **Frozen features** (`fcmae probe`): global average pool of the last stage, standardised; k-NN with "
+             f"k={cfg['probe']['knn_k']}, T={cfg['probe']['knn_t']} (cosine, DINO's weighted vote); linear probe = "
+             "multinomial logistic regression (L-BFGS, L2 penalty picked on a held-out fifth of the labelled set). "
+             f"Encoders at {cfg['probe']['input_size']} px, raw pixels at {cfg['probe']['raw_pixels_input_size']} px.",
+             f"- **Fine-tuning** (`fcmae finetune {f['config']}`) at {f['overrides']['data.input_size']} px "
+             "(lower than pretraining, to fit the budget), batch 64, evaluated once at the end of the schedule "
+             "(no best-epoch selection on the test set); the top-1 reported is the final model's "
+             "(the EMA's is in results.json):"]
+    for arm, a in f["arms"].items():
+        init = f"init from `{a['init']}`" if a.get("init") else "random init"
+        lines.append(f"  - `{arm}`: {init}; overrides {a.get('overrides') or 'none (the recipe file)'}")
+    for b, v in f["budgets"].items():
+        lines.append(f"  - {b}: {v['labels_per_class'] or 'all 6000'} labels per class, {v['steps']} steps "
+                     f"({v['warmup_steps']} warmup), seeds {v['seeds']} (seed = label subset and init)")
+    return lines
+
+
+def write_report(cfg: dict[str, Any], work: Path, out: Path, doc: Path, config_path: Path) -> dict[str, Any]:
+    """Regenerate ``doc``, ``out/results.json`` and the plots from the finished stages under ``work``."""
+    out.mkdir(parents=True, exist_ok=True)
+    res = collect(cfg, work)
+    figs = plots(cfg, res, out) + _copy_figures(cfg, res, work, out)
+    rel = Path("fashion_mnist") if out.name == "fashion_mnist" else out
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    text = ["# Does FCMAE pretraining learn something useful? Fashion-MNIST, ConvNeXt V2-Atto, 2 CPU cores", "",
+            "Generated by `python examples/fashion_mnist/study.py --config examples/fashion_mnist/study.yaml` "
+            "(resumable; `--report-only` regenerates this page from the finished stages). Every number below is "
+            "read from the runs' JSON files (`summary.json`, `fcmae probe/evaluate --json`); stages not finished "
+            f"yet show as *{PENDING}*.", "", "## State", "", *status_lines(cfg, res), "",
+            "## Frozen features: k-NN and linear probe (test top-1 %, mean ± std over label subsets)", "",
+            "A representation that cannot beat the raw-pixel baselines learned nothing useful.", "",
+            *probe_table(cfg, res), "", "## Fine-tuning (test top-1 %, mean ± std over seeds)", "",
+            *finetune_table(cfg, res), ""]
+    for name, title in (("knn_monitor.png", "k-NN monitor during pretraining"),
+                        ("pretrain_loss.png", "Pretraining loss"), ("accuracy_vs_budget.png", "Accuracy vs labels"),
+                        ("cosine_distance.png", "Feature collapse: channel cosine distance per block (paper Fig. 4)"),
+                        ("activations.png", "Expansion-layer activations (paper Fig. 3)")):
+        if name in figs:
+            text += [f"### {title}", "", f"![{title}]({rel / name})", ""]
+    for arm in cfg["pretrain"]["arms"]:
+        if f"reconstruction_{arm}.png" in figs:
+            text += [f"### Reconstructions, {arm} (original | masked | prediction at removed patches | pasted)", "",
+                     f"![reconstruction {arm}]({rel / f'reconstruction_{arm}.png'})", ""]
+    if res["diagnose"]:
+        text += ["| model | mean channel cosine distance | first block | last block |", "|---|---|---|---|"]
+        text += [f"| {m['name']} | {m['mean_distance']:.4f} | {m['distance'][0]:.4f} | {m['distance'][-1]:.4f} |"
+                 for m in res["diagnose"]["models"]] + [""]
+    ev = res["evaluate_check"]
+    if ev:
+        run = cfg["evaluate_check"]["run"]
+        arm, budget, seed = run.rsplit("_", 2)
+        in_run = next((r["top1"] for r in res["finetune"].get(arm, {}).get(budget, []) if f"s{r['seed']}" == seed),
+                      None)
+        in_run_txt = f" (in-run: {in_run:.2f} on the full test set)" if in_run is not None else ""
+        text += [f"Cross-check: `fcmae evaluate` of `{run}/{cfg['evaluate_check']['weights']}` gives top-1 "
+                 f"{ev['top1']:.2f} on {ev['images']} test images{in_run_txt}.", ""]
+    text += ["## Setup", "", *_recipes(cfg), "", f"Every setting: [`{config_path.name}`]"
+             "(../examples/fashion_mnist/study.yaml). Cost of each stage: `wall_s` in results.json and the run "
+             "folders."]
+    doc.write_text("\n".join(text) + "\n")
+    return res
