@@ -35,6 +35,12 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _show(p: Path) -> str:
+    """A path relative to the repository when it lies inside (the work folder may be anywhere)."""
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_report  # noqa: E402
 
@@ -80,7 +86,7 @@ class Study:
         """Run ``python -m fcmae <args>`` unless ``done`` exists; logs to ``<work>/logs/<name>.log``. Returns
         whether ``done`` exists afterwards (a failed stage is reported and the study goes on with the others)."""
         if done.is_file():
-            print(f"[{name}] complete ({done.relative_to(REPO)}), skipped", flush=True)
+            print(f"[{name}] complete ({_show(done)}), skipped", flush=True)
             return True
         log = self.work / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +98,7 @@ class Study:
             f.flush()
             rc = subprocess.call(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        print(f"[{name}] exit {rc} after {time.perf_counter() - t0:.0f} s; log {log.relative_to(REPO)}", flush=True)
+        print(f"[{name}] exit {rc} after {time.perf_counter() - t0:.0f} s; log {_show(log)}", flush=True)
         self.report()
         return done.is_file()
 
