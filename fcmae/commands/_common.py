@@ -101,6 +101,19 @@ def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
         return code
 
 
+def run_reporting(command: str, compute: Callable[[], dict[str, Any]], report: Callable[[dict[str, Any]], None],
+                  json_path: str | None) -> int:
+    """Compute a command's results, print them, write them as JSON (``--json PATH``), behind ``run_guarded``."""
+
+    def go() -> int:
+        result = compute()
+        report(result)
+        write_json(json_path, result)
+        return 0
+
+    return run_guarded(command, go)
+
+
 def print_run_tail(s: Mapping[str, Any]) -> None:
     """The lines every training command ends with (the same facts are in ``summary.json``)."""
     print(f"checkpoint: {s['checkpoint']}")

@@ -94,8 +94,8 @@ def _write(
     return len(out), str(out_path)
 
 
-def _convert(args: argparse.Namespace) -> tuple[list[str], dict[str, object]]:
-    """Do the work; returns the lines to print and the results. Raises ValueError subclasses on bad input."""
+def _convert(args: argparse.Namespace) -> dict[str, object]:
+    """Do the work; returns the results, with the ``lines`` to print. Raises ValueError subclasses on bad input."""
     from fcmae.convert import (
         check_against_model,
         infer_in_chans,
@@ -128,20 +128,13 @@ def _convert(args: argparse.Namespace) -> tuple[list[str], dict[str, object]]:
                      "note: encoder only (no final norm): wrote the identity LayerNorm (weight 1, bias 0) as the "
                      "final norm, so the export loads strictly; no classifier (num_classes 0)")
     lines.append(f"wrote {written}")
-    result = {"input": str(args.input), "output": written, "read": ckpt.source, "layout": layout,
+    result = {"lines": lines, "input": str(args.input), "output": written, "read": ckpt.source, "layout": layout,
               "variant": variant, "in_chans": in_chans, "to": args.to, "tensors_written": count,
               "decoder_tensors_dropped": dropped}
-    return lines, result
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import run_guarded, write_json
+    from fcmae.commands._common import run_reporting
 
-    def go() -> int:
-        lines, result = _convert(args)
-        for line in lines:
-            print(line)
-        write_json(args.json, result)
-        return 0
-
-    return run_guarded("convert", go)
+    return run_reporting("convert", lambda: _convert(args), lambda r: print("\n".join(r.pop("lines"))), args.json)

@@ -182,12 +182,6 @@ def report(r: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import run_guarded, write_json
+    from fcmae.commands._common import run_reporting
 
-    def go() -> int:
-        result = diagnose(args)
-        report(result)
-        write_json(args.json, result)
-        return 0
-
-    return run_guarded("diagnose", go)
+    return run_reporting("diagnose", lambda: diagnose(args), report, args.json)

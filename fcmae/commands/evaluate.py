@@ -104,12 +104,6 @@ def _report(r: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import run_guarded, write_json
+    from fcmae.commands._common import run_reporting
 
-    def go() -> int:
-        result = _evaluate(args)
-        _report(result)
-        write_json(args.json, result)
-        return 0
-
-    return run_guarded("evaluate", go)
+    return run_reporting("evaluate", lambda: _evaluate(args), _report, args.json)

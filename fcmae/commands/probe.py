@@ -178,12 +178,6 @@ def report(r: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import run_guarded, write_json
+    from fcmae.commands._common import run_reporting
 
-    def go() -> int:
-        result = probe(args)
-        report(result)
-        write_json(args.json, result)
-        return 0
-
-    return run_guarded("probe", go)
+    return run_reporting("probe", lambda: probe(args), report, args.json)

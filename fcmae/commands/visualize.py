@@ -71,16 +71,14 @@ def _visualize(args: argparse.Namespace) -> dict[str, Any]:
             "input_size": size}
 
 
+def _report(r: dict[str, Any]) -> None:
+    for why in r["skipped"]:
+        print(f"skipped: {why}")
+    print(f"wrote {r['figure']} ({len(r['images'])} images: original | masked | prediction at removed patches | "
+          "prediction + visible)")
+
+
 def run(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import run_guarded, write_json
+    from fcmae.commands._common import run_reporting
 
-    def go() -> int:
-        r = _visualize(args)
-        for why in r["skipped"]:
-            print(f"skipped: {why}")
-        print(f"wrote {r['figure']} ({len(r['images'])} images: original | masked | prediction at removed patches | "
-              "prediction + visible)")
-        write_json(args.json, r)
-        return 0
-
-    return run_guarded("visualize", go)
+    return run_reporting("visualize", lambda: _visualize(args), _report, args.json)
