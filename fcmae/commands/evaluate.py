@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_json_argument(p)
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def check_data_arguments(args: argparse.Namespace) -> None:
+    """Range checks of the flags ``add_data_arguments`` adds (one-line errors)."""
     for flag in ("batch_size", "input_size"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -57,7 +58,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from fcmae.trainer import resolve_mixed_precision
     from fcmae.weights import load_classifier
 
-    _check_args(args)
+    check_data_arguments(args)
     model, info = load_classifier(args.checkpoint, args.model, args.in_chans, args.ema)
     meta = info["metadata"]
     size = args.input_size or int(meta.get("image_size", 224))

@@ -48,12 +48,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("--labels-per-class must be >= 0 (0 = all)")
     if args.knn_k < 1 or args.knn_t <= 0:
         raise ValueError("--knn-k must be >= 1 and --knn-t > 0")
-    for flag in ("batch_size", "input_size"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    if args.num_workers < 0 or args.limit < 0:
-        raise ValueError("--num-workers and --limit must be >= 0")
+    from fcmae.commands.evaluate import check_data_arguments
+
+    check_data_arguments(args)
 
 
 def build_encoder(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
