@@ -26,6 +26,20 @@ def run_isolated(script: Path, args: list[str], threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_step_seconds(step, warmup: int, steps: int) -> float:
+    """Run ``step()`` ``warmup`` times untimed, then ``steps`` times; the median wall time of one call, seconds."""
+    import time
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
     import resource

@@ -15,10 +15,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from _common import run_isolated
+from _common import median_step_seconds, run_isolated
 
 # (label, implementation, memory format of the input batch)
 SIDES = (("ours", "ours", "channels_last"), ("timm", "timm", "contiguous"), ("timm-cl", "timm", "channels_last"))
@@ -51,15 +50,7 @@ def worker(impl: str, variant: str, batch: int, size: int, steps: int, fmt: str,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"img_s": batch / times[len(times) // 2], "threads": torch.get_num_threads()}
+    return {"img_s": batch / median_step_seconds(step, warmup, steps), "threads": torch.get_num_threads()}
 
 
 def main() -> None:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from _common import current_rss_mib, peak_rss_mib, run_isolated
+from _common import current_rss_mib, median_step_seconds, peak_rss_mib, run_isolated
 
 IMPLS = {"sparse": "ours", "minkowski": "MinkowskiEngine", "reference": "masked-dense"}
 
@@ -51,14 +50,7 @@ def worker(impl: str, variant: str, batch: int, size: int, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return {"img_s": batch / sorted(times)[len(times) // 2], "peak_mib": peak_rss_mib() - base_rss}
+    return {"img_s": batch / median_step_seconds(step, 2, steps), "peak_mib": peak_rss_mib() - base_rss}
 
 
 def minkowski_importable() -> bool:

@@ -14,10 +14,9 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
-from _common import current_rss_mib, peak_rss_mib, run_isolated
+from _common import current_rss_mib, median_step_seconds, peak_rss_mib, run_isolated
 
 
 def worker(impl: str, variant: str, batch: int, size: int, steps: int, dtype: str) -> dict:
@@ -45,16 +44,7 @@ def worker(impl: str, variant: str, batch: int, size: int, steps: int, dtype: st
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    median = times[len(times) // 2]
-    return {"img_s": batch / median, "peak_mib": peak_rss_mib() - base_rss}
+    return {"img_s": batch / median_step_seconds(step, 2, steps), "peak_mib": peak_rss_mib() - base_rss}
 
 
 def flops_per_image(impl: str, variant: str, size: int) -> float:
