@@ -51,18 +51,43 @@ def random_masking(
     return mask.to(device) if device is not None else mask
 
 
-def kept_indices(mask: Tensor) -> Tensor:
-    """Indices of visible cells, ascending, ``(N, K)`` int64, for a mask with the same count per row."""
+def check_on_device(cond: Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the bool scalar ``cond`` holds, without stalling an accelerator.
+
+    On CPU the value is read at once. Elsewhere reading it would wait for the device queue to drain (a
+    host-device synchronisation every training step), so the check is queued on the device instead
+    (``torch._assert_async``): a failure surfaces as a device-side assertion at the next synchronisation.
+    """
+    if cond.device.type == "cpu":
+        if not bool(cond):
+            raise ValueError(message)
+    else:
+        torch._assert_async(cond, message)
+
+
+def kept_indices(mask: Tensor, num_keep: int | None = None) -> Tensor:
+    """Indices of visible cells, ascending, ``(N, K)`` int64, for a mask with the same count per row.
+
+    ``num_keep``: the known count ``K`` (e.g. ``num_kept(L, mask_ratio)``), checked with ``check_on_device`` so
+    a training step never waits for the device; without it ``K`` is read from the mask (a host read).
+    """
     if mask.ndim != 2:
         raise ValueError(f"mask must have shape (N, L), got {tuple(mask.shape)}")
     visible = (~mask.bool()).sum(dim=1)
-    if visible.numel() and not bool((visible == visible[0]).all()):
-        raise ValueError(
-            f"every image must keep the same number of cells; visible cells per image: {visible.tolist()}"
-        )
-    k = int(visible[0]) if visible.numel() else 0
-    if k == 0:
-        raise ValueError("mask removes every cell of an image; at least one cell must stay visible")
+    if num_keep is not None:
+        if not 0 < num_keep <= mask.shape[1]:
+            raise ValueError(f"num_keep must be in [1, {mask.shape[1]}], got {num_keep}")
+        check_on_device((visible == num_keep).all(), f"every image of the mask must keep {num_keep} of "
+                        f"{mask.shape[1]} cells (num_keep), as masks drawn with the model's mask_ratio do")
+        k = num_keep
+    else:
+        if visible.numel() and not bool((visible == visible[0]).all()):
+            raise ValueError(
+                f"every image must keep the same number of cells; visible cells per image: {visible.tolist()}"
+            )
+        k = int(visible[0]) if visible.numel() else 0
+        if k == 0:
+            raise ValueError("mask removes every cell of an image; at least one cell must stay visible")
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
     return order[:, :k]
 

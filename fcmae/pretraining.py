@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fcmae.config import PretrainConfig, to_dict
+from fcmae.masking import num_kept
 from fcmae.trainer import Callback, Recipe, Trainer, param_groups
 
 
@@ -95,8 +96,10 @@ class PretrainRecipe(Recipe):
                 f"{trainer.mixed_precision}"]
 
     def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-        """batch: ``(imgs (B, C, H, W), mask (B, L) bool, n_skipped (B,))``."""
-        return model(batch[0], batch[1])["loss"]
+        """batch: ``(imgs (B, C, H, W), mask (B, L) bool, n_skipped (B,))``; the masks keep ``num_kept(L,
+        mask_ratio)`` cells (``SeededSamples``), which the model then need not read back from the device."""
+        mask = batch[1]
+        return model(batch[0], mask, num_keep=num_kept(mask.shape[1], self.cfg.model.mask_ratio))["loss"]
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         knn_every = self.cfg.monitor.every_epochs

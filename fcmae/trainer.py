@@ -232,15 +232,13 @@ Callback = Callable[["Trainer"], None]
 
 def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, accelerator, lr: float,
                       clip_grad: float | None = None) -> dict[str, Any]:
-    """Inside ``accelerator.accumulate``: check the loss on all processes, backward, and at accumulation boundaries
-    set ``lr * lr_scale`` per group, clip the optimised parameters, step.
+    """Inside ``accelerator.accumulate``: backward, and at accumulation boundaries set ``lr * lr_scale`` per group,
+    clip the optimised parameters, step.
 
-    Returns ``{"loss": float (mean over processes), "stepped": bool, "grad_norm": float | None}``; raises
-    ``NonFiniteLossError`` before any update.
+    Nothing here reads a value back to the host (that would stall an accelerator every step): returns
+    ``{"loss": detached 0-dim tensor, "stepped": bool, "grad_norm": 0-dim tensor | None}``. The caller checks
+    losses for non-finite values in batches (``Trainer._flush``), before anything is saved.
     """
-    all_losses = accelerator.gather(loss.detach().float().reshape(1))
-    if not bool(torch.isfinite(all_losses).all()):
-        raise NonFiniteLossError(f"non-finite loss {all_losses.tolist()}")
     accelerator.backward(loss)
     grad_norm = None
     if accelerator.sync_gradients:
@@ -248,10 +246,33 @@ def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, accelerato
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if clip_grad:
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            grad_norm = float(accelerator.clip_grad_norm_(params, clip_grad))
+            grad_norm = accelerator.clip_grad_norm_(params, clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(all_losses.mean()), "stepped": accelerator.sync_gradients, "grad_norm": grad_norm}
+    return {"loss": loss.detach().float(), "stepped": accelerator.sync_gradients, "grad_norm": grad_norm}
+
+
+class _Pending:
+    """Per-step values kept on the device between host reads: loss sum, first non-finite step, skipped files."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.count = 0
+        self.last_loss = torch.full((), math.nan, device=device)
+        self.grad_norm: Tensor | None = None
+
+    def add(self, out: dict[str, Any], step: int, skipped: Tensor) -> None:
+        loss = out["loss"]
+        bad = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(bad, step, self.bad_step)
+        self.loss_sum += loss
+        self.last_loss = loss
+        self.skipped += skipped.sum()
+        self.count += 1
+        if out["grad_norm"] is not None:
+            self.grad_norm = out["grad_norm"]
 
 
 # ------------------------------------------------------------------------------------------- the trainer
@@ -375,11 +396,13 @@ class Trainer:
         self.recipe.train_mode(self.model)
         self.t_start = time.perf_counter()
         self.images_run, self.last_loss = 0, math.nan
+        self.pending = _Pending(self.accelerator.device)
         self.last_saved = self.state.step if self.resumed_from is not None else -1
         while self.state.step < s.last_step:
             self._epoch()
         if self.last_saved != self.state.step:
             self.save()
+        self._flush()
         return self._finish()
 
     def _epoch(self) -> None:
@@ -393,7 +416,7 @@ class Trainer:
         batches_per_epoch = s.steps_per_epoch * run.accum_iter
         self.bar = tqdm(total=batches_per_epoch - st.batch_in_epoch, desc=f"epoch {epoch}", leave=False,
                         dynamic_ncols=True, disable=not (run.progress and acc.is_main_process))
-        self._window = [0.0, 0, time.perf_counter(), 0]  # loss sum, micro-batches, time, images since the last log
+        self._window_t, self._window_images = time.perf_counter(), 0  # since the last log line
         for batch in loader:
             if st.batch_in_epoch >= batches_per_epoch:
                 break  # leftover micro-batches that cannot fill an optimizer step
@@ -403,6 +426,7 @@ class Trainer:
         if st.batch_in_epoch >= batches_per_epoch:
             st.epoch += 1
             st.batch_in_epoch = 0
+            self._flush()
             self.say(f"epoch {epoch} done: step {st.step}, loss {self.last_loss:.4f}")
             self.recipe.on_epoch_end(self, epoch)
             self.recipe.train_mode(self.model)
@@ -410,53 +434,72 @@ class Trainer:
                 self.save()
 
     def _micro_step(self, batch: Sequence[Tensor]) -> bool:
-        """One micro-batch; True when it completed an optimizer step."""
+        """One micro-batch; True when it completed an optimizer step. No host read unless it logs or saves."""
         st, acc = self.state, self.accelerator
         lr = lr_at(st.step, self.schedule.total_steps, self.schedule.warmup_steps, self.schedule.base_lr,
                    self.cfg.optim.min_lr)
-        try:
-            with acc.accumulate(self.model):
-                out = backward_and_step(self.recipe.loss(self.model, batch), self.optimizer, acc, lr,
-                                        self.cfg.optim.clip_grad)
-        except NonFiniteLossError as exc:
-            raise NonFiniteLossError(
-                f"{exc} at epoch {st.epoch}, step {st.step} (lr {lr:.3e}); stopping without saving. Last good "
-                f"checkpoint: {find_latest_checkpoint(self.ckpt_root) or 'none'}. Try a lower optim.blr, "
-                "optim.clip_grad, or fp32.") from None
+        with acc.accumulate(self.model):
+            out = backward_and_step(self.recipe.loss(self.model, batch), self.optimizer, acc, lr,
+                                    self.cfg.optim.clip_grad)
         n_imgs = batch[0].shape[0] * acc.num_processes
-        st.skipped_files += int(acc.gather(batch[-1].sum().reshape(1)).sum())
+        self.pending.add(out, st.step, batch[-1])
         st.batch_in_epoch += 1
         st.images_seen += n_imgs
         self.images_run += n_imgs
-        self.last_loss = out["loss"]
-        w = self._window
-        w[0], w[1], w[3] = w[0] + out["loss"], w[1] + 1, w[3] + n_imgs
+        self._window_images += n_imgs
         self.bar.update(1)
         if not out["stepped"]:
             return False
         st.step += 1
         self.recipe.after_step(self)
-        self._log_step(lr, out)
+        if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
+            self._log_step(lr)
         if self.cfg.run.save_every_steps and st.step % self.cfg.run.save_every_steps == 0:
             self.save()
         for cb in self.callbacks:
             cb(self)
         return True
 
-    def _log_step(self, lr: float, out: dict[str, Any]) -> None:
-        st, w, now = self.state, self._window, time.perf_counter()
-        ips = w[3] / max(now - w[2], 1e-9)
-        self.bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
-        if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
-            rec = {"step": st.step, "epoch": st.epoch, "loss": w[0] / w[1], "lr": lr, "blr": self.schedule.blr,
-                   "img_per_s": ips, "images_seen": st.images_seen, "skipped_files": st.skipped_files,
-                   "time_s": now - self.t_start}
-            if out["grad_norm"] is not None:
-                rec["grad_norm"] = out["grad_norm"]
-            self.logger.log(rec)
-            self._window = [0.0, 0, now, 0]
+    def _flush(self) -> dict[str, Any]:
+        """Read the values kept on the device since the last read (one host read, all processes).
+
+        Raises ``NonFiniteLossError`` if any loss was non-finite: called before every log line, save, end of epoch
+        and the end of the run, so nothing trained on a non-finite loss is ever saved.
+        """
+        p, acc = self.pending, self.accelerator
+        if p.count == 0:
+            return {"loss": self.last_loss, "grad_norm": None}
+        packed = torch.stack([p.loss_sum, p.last_loss, p.bad_step.float(), p.skipped.float()]).reshape(1, 4)
+        rows = acc.gather(packed).tolist()
+        grad_norm = float(p.grad_norm) if p.grad_norm is not None else None
+        self.pending = _Pending(acc.device)
+        bad = [int(r[2]) for r in rows if r[2] >= 0]
+        if bad:
+            s = self.schedule
+            lr = lr_at(min(bad), s.total_steps, s.warmup_steps, s.base_lr, self.cfg.optim.min_lr)
+            raise NonFiniteLossError(
+                f"non-finite loss at step {min(bad)} (lr {lr:.3e}); stopping without saving. Last good "
+                f"checkpoint: {find_latest_checkpoint(self.ckpt_root) or 'none'}. Try a lower optim.blr, "
+                "optim.clip_grad, or fp32.")
+        self.state.skipped_files += int(sum(r[3] for r in rows))
+        self.last_loss = sum(r[1] for r in rows) / len(rows)
+        return {"loss": sum(r[0] for r in rows) / (p.count * len(rows)), "grad_norm": grad_norm}
+
+    def _log_step(self, lr: float) -> None:
+        st, now = self.state, time.perf_counter()
+        flushed = self._flush()
+        ips = self._window_images / max(now - self._window_t, 1e-9)
+        self.bar.set_postfix(loss=f"{flushed['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        rec = {"step": st.step, "epoch": st.epoch, "loss": flushed["loss"], "lr": lr, "blr": self.schedule.blr,
+               "img_per_s": ips, "images_seen": st.images_seen, "skipped_files": st.skipped_files,
+               "time_s": now - self.t_start}
+        if flushed["grad_norm"] is not None:
+            rec["grad_norm"] = flushed["grad_norm"]
+        self.logger.log(rec)
+        self._window_t, self._window_images = now, 0
 
     def save(self) -> Path:
+        self._flush()
         path = save_checkpoint(self.accelerator, self.ckpt_root, self.state.step, self.cfg.run.keep_last)
         self.last_saved = self.state.step
         return path

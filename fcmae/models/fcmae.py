@@ -6,7 +6,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from fcmae.masking import check_mask_ratio, kept_indices, random_masking
+from fcmae.masking import check_mask_ratio, kept_indices, num_kept, random_masking
 from fcmae.models.convnextv2 import STRIDE, Block, canonical_name, check_image_size, get_variant
 from fcmae.models.sparse import SparseConvNeXtV2, tokens_to_grid
 
@@ -135,9 +135,12 @@ class FCMAE(nn.Module):
         return mask.to(device=imgs.device, dtype=torch.bool)
 
     # -- forward pieces --------------------------------------------------------------------------------------
-    def encode_tokens(self, imgs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (tokens ``(N, K, C)`` at visible cells, keep ``(N, K)`` their cell indices)."""
-        keep = kept_indices(mask)
+    def encode_tokens(self, imgs: Tensor, mask: Tensor, num_keep: int | None = None) -> tuple[Tensor, Tensor]:
+        """-> (tokens ``(N, K, C)`` at visible cells, keep ``(N, K)`` their cell indices).
+
+        ``num_keep``: the known ``K`` (checked on the device, no host read); None reads it from the mask.
+        """
+        keep = kept_indices(mask, num_keep)
         return self.encoder(imgs, keep), keep
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
@@ -169,15 +172,20 @@ class FCMAE(nn.Module):
         mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         predict_all: bool = False,
+        num_keep: int | None = None,
     ) -> dict[str, Tensor]:
         """imgs ``(N, C, H, W)`` -> ``{"loss": (), "pred": (N, L, p*p*C), "mask": (N, L) bool}``.
 
         ``pred`` is computed at removed cells; at visible cells it is zero unless ``predict_all`` is set.
+        ``num_keep``: visible cells per image when known (training: ``num_kept(L, mask_ratio)``), so the step
+        never waits for the mask to reach the host; None reads it from a given mask.
         """
+        if mask is None:
+            num_keep = num_kept(self.grid_size(imgs)[0] * self.grid_size(imgs)[1], self.mask_ratio)
         mask = self._mask(imgs, mask, generator)
         h, w = self.grid_size(imgs)
         n, num = mask.shape
-        tokens, keep = self.encode_tokens(imgs, mask)
+        tokens, keep = self.encode_tokens(imgs, mask, num_keep)
         feats = self.forward_decoder(tokens, keep, (h, w))
         if predict_all:
             pred = self.pred(feats)

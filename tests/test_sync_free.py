@@ -1,0 +1,87 @@
+"""The training step never reads a device value back to the host (on a GPU that stalls the stream every step),
+and the deferred non-finite-loss check still stops a run before anything trained on a bad loss is saved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fcmae.masking as masking
+from fcmae.config import PretrainConfig, load_config
+from fcmae.masking import random_masking
+from fcmae.models.convnextv2 import create_model
+from fcmae.models.fcmae import create_fcmae
+from fcmae.pretraining import run_pretraining
+from fcmae.trainer import NonFiniteLossError
+
+# ops that copy a device value to the host (Tensor.item / bool / int / tolist) or need one to size their output
+_HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _HOST_READS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _device_assert(cond, message):
+    torch._assert_async(cond, message)  # what check_on_device does on an accelerator
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.3])
+def test_sparse_training_step_reads_nothing_back(monkeypatch, drop_path):
+    # the only host read on the step's path is check_on_device's, which accelerators queue on the device instead.
+    # The optimizer step is left out: AdamW keeps its step counters on the CPU unless fused/capturable.
+    monkeypatch.setattr(masking, "check_on_device", _device_assert)
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=32, drop_path_rate=drop_path)
+    imgs = torch.randn(3, 3, 64, 64)
+    mask = random_masking(3, 2, 0.6, generator=torch.Generator().manual_seed(0))
+    with _HostReads() as reads:
+        model(imgs, mask, num_keep=1)["loss"].backward()
+    assert reads.seen == []
+
+
+def test_dense_training_step_reads_nothing_back():
+    model = create_model("convnextv2_test", num_classes=5, drop_path_rate=0.2)
+    with _HostReads() as reads:
+        F.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([1, 4])).backward()
+    assert reads.seen == []
+
+
+def test_mask_with_another_count_than_num_keep_is_refused():
+    model = create_fcmae("convnextv2_test", decoder_embed_dim=32)
+    mask = random_masking(2, 2, 0.5)  # keeps 2 of 4 cells
+    with pytest.raises(ValueError, match="must keep 1 of 4 cells"):
+        model(torch.randn(2, 3, 64, 64), mask, num_keep=1)
+    assert torch.isfinite(model(torch.randn(2, 3, 64, 64), mask)["loss"])  # without num_keep: read from the mask
+
+
+def test_non_finite_loss_stops_before_saving(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(PretrainConfig, None, [
+        "model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_chans=1", "data.source=demo",
+        "data.input_size=64", "data.limit=16", "data.num_workers=0", "optim.lr=1e-3", "optim.steps=8",
+        "optim.warmup_steps=1", "run.batch_size=2", "run.log_every=4", "run.save_every_steps=2",
+        "run.export_every_epochs=0", "run.progress=false", "run.threads=1", f"run.output_dir={out}"])
+
+    def poison(trainer) -> None:  # after step 3 every weight of the stem is NaN: the loss of step index 3 is NaN
+        if trainer.state.step == 3:
+            with torch.no_grad():
+                trainer.unwrapped.encoder.downsample_layers[0][0].weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3 "):
+        run_pretraining(cfg, callbacks=[poison])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+    metrics = out / "metrics.jsonl"  # the first log line (step 4) would have held a NaN: none was written
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    assert [r for r in logged if "loss" in r] == []
