@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -186,11 +187,27 @@ class Study:
                                       "--data-root", self.cfg["data_path"], "--num-workers", "1", "--no-progress",
                                       *extra, "--json", str(done)], done)
 
+    def gate(self) -> bool:
+        """The from-scratch run on all labels first: below ``gate.min_top1`` the fine-tuning recipe is broken."""
+        g = self.cfg["gate"]
+        arm, budget, seed = g["run"]
+        if not self.finetune(arm, budget, seed):
+            return False
+        summary = json.loads((self.work / "finetune" / f"{arm}_{budget}_s{seed}" / "summary.json").read_text())
+        top1 = summary["val_top1"]  # the number the tables report (the raw weights, not the EMA)
+        ok = top1 >= g["min_top1"]
+        print(f"[gate] {arm} {budget} seed {seed}: top-1 {top1:.2f} % (needs {g['min_top1']}): "
+              f"{'passed' if ok else 'FAILED, fix the fine-tuning recipe before comparing arms'}", flush=True)
+        return ok
+
     def run(self) -> None:
         """The order puts the most informative results first, so a partial study already says something."""
         p = self.cfg["probe"]
         self.probe("raw_pixels", ["--raw-pixels"], p["raw_pixels_input_size"])
         self.probe("random_init", ["--random-init", p["random_init"]], p["input_size"])
+        if not self.gate():
+            self.report()
+            sys.exit(1)
         arms = list(self.cfg["pretrain"]["arms"])
         if self.pretrain(arms[0]):
             self.probe(arms[0], [str(self.work / "pretrain" / arms[0] / "encoder.safetensors")], p["input_size"])
