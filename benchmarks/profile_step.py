@@ -105,6 +105,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the result here")
     args = ap.parse_args()
+    from fcmae.runtime import reexec_with_malloc_tuning
+
+    reexec_with_malloc_tuning()  # the allocator settings of `fcmae` commands and of the other benchmarks
     import torch
 
     torch.set_num_threads(args.threads)

@@ -218,3 +218,14 @@ def test_custom_autograd_functions_pass_gradcheck():
     w = torch.randn(3, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: _SparseDWConv.apply(x, w, b, ctx.index(2), (2, 4, 4)), (x, w, b))
+
+
+@pytest.mark.parametrize("in_chans,norm", [(3, True), (1, False), (2, True)])
+def test_cell_targets_equal_patch_targets_of_those_cells(in_chans, norm):
+    from fcmae.models.fcmae import cell_targets, patch_targets
+
+    g = torch.Generator().manual_seed(5)
+    imgs = torch.randn(3, in_chans, 64, 96, generator=g)
+    cells = torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(3)])
+    want = torch.gather(patch_targets(imgs, norm), 1, cells.unsqueeze(-1).expand(-1, -1, 32 * 32 * in_chans))
+    torch.testing.assert_close(cell_targets(imgs, cells, norm), want, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
+from fcmae.models.dwconv import depthwise_conv
+
 STRIDE = 32  # total stride of the encoder: stem 4 x three 2x downsamples
 _STAGE_RE = re.compile(r"^stages\.(\d+)\.(\d+)\.")
 _DOWNSAMPLE_RE = re.compile(r"^downsample_layers\.(\d+)\.")
@@ -174,9 +176,9 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: ``(N, C, H, W)``, preferably channels_last -> same shape."""
         dw = self.dwconv
-        # bias added apart from the conv: oneDNN's depthwise backward is ~20% slower when it must also produce
-        # the bias gradient, while a separate add costs one cheap pass and its gradient is a per-channel sum
-        y = F.conv2d(x, dw.weight, None, dw.stride, dw.padding, dw.dilation, dw.groups).permute(0, 2, 3, 1)
+        # bias added apart from the conv (a cheap pass whose gradient is a per-channel sum); depthwise_conv's
+        # weight gradient is a grouped forward convolution, several times faster than oneDNN's on CPU
+        y = depthwise_conv(x, dw.weight).permute(0, 2, 3, 1)
         y = self.mlp(y + dw.bias.to(y.dtype), lambda t: self.grn(t, dims=(1, 2)))  # (N, H, W, C)
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
@@ -34,6 +35,24 @@ def patch_targets(imgs: Tensor, norm_pix_loss: bool, patch_size: int = STRIDE) -
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1e-6).sqrt()
+    return target
+
+
+def cell_targets(imgs: Tensor, cells: Tensor, norm_pix_loss: bool, patch_size: int = STRIDE) -> Tensor:
+    """``patch_targets`` of the chosen cells only: cells ``(N, R)`` row-major indices -> ``(N, R, p*p*C)`` fp32.
+
+    Gathers the R patches straight from the image (no copy of the whole patchified batch) and normalises them with
+    one ``var_mean`` pass: about half the time of normalising every cell and then selecting (FCMAE removes 60 %).
+    """
+    n, c, height, width = imgs.shape
+    p, w = patch_size, width // patch_size
+    cy = torch.div(cells, w, rounding_mode="floor")
+    cx = cells - cy * w
+    x = imgs.float().reshape(n, c, height // p, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (N, h, w, py, px, c) view
+    target = x[torch.arange(n, device=imgs.device).unsqueeze(1), cy, cx].reshape(n, cells.shape[1], p * p * c)
+    if norm_pix_loss:
+        var, mean = torch.var_mean(target, dim=-1, keepdim=True)
+        target = (target - mean) * (var + 1e-6).rsqrt()
     return target
 
 
@@ -194,12 +213,12 @@ class FCMAE(nn.Module):
             removed = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : num - keep.shape[1]]
             feats_r = torch.gather(feats, 1, removed.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
             pred_r = self.pred(feats_r)  # (N, R, P)
-        target = patch_targets(imgs, self.norm_pix_loss, self.patch_size)
         if removed is None:
-            loss = masked_mse(pred, target, mask)
+            loss = masked_mse(pred, patch_targets(imgs, self.norm_pix_loss, self.patch_size), mask)
         else:
-            target_r = torch.gather(target, 1, removed.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
-            loss = (pred_r.float() - target_r).pow(2).mean() if removed.shape[1] else pred_r.float().sum() * 0.0
+            target_r = cell_targets(imgs, removed, self.norm_pix_loss, self.patch_size)
+            # every image has the same number of removed cells: the mean over all of them is the per-cell mean
+            loss = F.mse_loss(pred_r.float(), target_r) if removed.shape[1] else pred_r.float().sum() * 0.0
             pred = pred_r.new_zeros(n, num, pred_r.shape[-1]).scatter(
                 1, removed.unsqueeze(-1).expand(-1, -1, pred_r.shape[-1]), pred_r
             )

@@ -46,6 +46,17 @@ def _masked_block(x: Tensor, blk: Block, visible_nchw: Tensor, visible_nhwc: Ten
     return x + blk.drop_path(y.permute(0, 3, 1, 2))
 
 
+def _plain_block(x: Tensor, blk: Block) -> Tensor:
+    """The decoder's block as the official code runs it (nn.Conv2d with bias, autograd's backward)."""
+    y = F.conv2d(x, blk.dwconv.weight, blk.dwconv.bias, padding=blk.dwconv.padding, groups=blk.dwconv.groups)
+    y = _ln_last(y.permute(0, 2, 3, 1), blk.norm)
+    y = F.gelu(F.linear(y, blk.pwconv1.weight, blk.pwconv1.bias))
+    if blk.grn is not None:
+        y = blk.grn(y, dims=(1, 2))
+    y = F.linear(y, blk.pwconv2.weight, blk.pwconv2.bias)
+    return x + blk.drop_path(y.permute(0, 3, 1, 2))
+
+
 def masked_dense_encoder(trunk: ConvNeXtV2Trunk, imgs: Tensor, mask: Tensor) -> Tensor:
     """imgs ``(N, C, H, W)``, mask ``(N, L)`` True = removed -> ``(N, C_last, H/32, W/32)``, zero at removed cells."""
     n, _, height, width = imgs.shape
@@ -100,7 +111,10 @@ class ReferenceFCMAE(nn.Module):
         x = F.linear(feats, self.proj.weight, self.proj.bias)
         m = mask.reshape(n, h, w, 1).to(x.dtype)
         x = x * (1 - m) + self.mask_token.to(x.dtype) * m
-        x = self.decoder(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x.permute(0, 3, 1, 2)
+        for blk in self.decoder:
+            x = _plain_block(x, blk)
+        x = x.permute(0, 2, 3, 1)
         pred = F.linear(x, self.pred.weight, self.pred.bias).reshape(n, h * w, -1)
         # targets: independent patchify via unfold (channel-major), reordered to (py, px, c)
         target = F.unfold(imgs.float(), kernel_size=STRIDE, stride=STRIDE)  # (N, C*p*p, L)
