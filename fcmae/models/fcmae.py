@@ -42,7 +42,7 @@ def cell_targets(imgs: Tensor, cells: Tensor, norm_pix_loss: bool, patch_size: i
     """``patch_targets`` of the chosen cells only: cells ``(N, R)`` row-major indices -> ``(N, R, p*p*C)`` fp32.
 
     Gathers the R patches straight from the image (no copy of the whole patchified batch) and normalises them with
-    one ``var_mean`` pass: about half the time of normalising every cell and then selecting (FCMAE removes 60 %).
+    one LayerNorm pass: about half the time of normalising every cell and then selecting (FCMAE removes 60 %).
     """
     n, c, height, width = imgs.shape
     p, w = patch_size, width // patch_size
@@ -51,8 +51,10 @@ def cell_targets(imgs: Tensor, cells: Tensor, norm_pix_loss: bool, patch_size: i
     x = imgs.float().reshape(n, c, height // p, p, w, p).permute(0, 2, 4, 3, 5, 1)  # (N, h, w, py, px, c) view
     target = x[torch.arange(n, device=imgs.device).unsqueeze(1), cy, cx].reshape(n, cells.shape[1], p * p * c)
     if norm_pix_loss:
-        var, mean = torch.var_mean(target, dim=-1, keepdim=True)
-        target = (target - mean) * (var + 1e-6).rsqrt()
+        # (t - mean) / sqrt(unbiased var + 1e-6) written as LayerNorm (biased var, one fused multi-threaded pass;
+        # ~7x faster than var_mean + arithmetic on CPU): var_unbiased = var_biased * P / (P - 1)
+        k = p * p * c
+        target = F.layer_norm(target, (k,), eps=1e-6 * (k - 1) / k) * ((k - 1) / k) ** 0.5
     return target
 
 
