@@ -120,7 +120,7 @@ class Study:
                 "--data-root", self.cfg["data_path"], "--in-chans", "1", "--input-size", str(input_size),
                 "--crop-pct", "1.0", "--labels-per-class", *map(str, p["labels_per_class"]),
                 "--label-seeds", *map(str, p["label_seeds"]), "--knn-k", str(p["knn_k"]), "--knn-t", str(p["knn_t"]),
-                "--num-workers", "1", "--batch-size", "256", "--no-progress"]
+                "--num-workers", "1", "--batch-size", "256", "--no-progress", "--mixed-precision", "no"]
         return args + (["--limit", str(p["limit"])] if p.get("limit") else [])
 
     def probe(self, arm: str, extra: list[str], input_size: int) -> None:
@@ -185,7 +185,7 @@ class Study:
         extra = ["--limit", str(e["limit"])] if e.get("limit") else []
         self.fcmae("evaluate_check", ["evaluate", str(run_dir / e["weights"]), "--data", "fashion_mnist:test",
                                       "--data-root", self.cfg["data_path"], "--num-workers", "1", "--no-progress",
-                                      *extra, "--json", str(done)], done)
+                                      "--mixed-precision", "no", *extra, "--json", str(done)], done)
 
     def gate(self) -> bool:
         """The from-scratch run on all labels first: below ``gate.min_top1`` the fine-tuning recipe is broken."""
@@ -212,8 +212,10 @@ class Study:
         if self.pretrain(arms[0]):
             self.probe(arms[0], [str(self.work / "pretrain" / arms[0] / "encoder.safetensors")], p["input_size"])
         main_arms = [a for a in self.cfg["finetune"]["arms"] if not self.cfg["finetune"]["arms"][a].get("budgets")]
-        for arm in main_arms:  # first seed of every budget, then the other seeds
+        for arm in main_arms:  # first seed of every budget, then the other seeds, then the ablation arms
             self.finetune_arm(arm, first_seed_only=True)
+        for arm in main_arms:
+            self.finetune_arm(arm)
         for arm in arms[1:]:
             if self.pretrain(arm):
                 self.probe(arm, [str(self.work / "pretrain" / arm / "encoder.safetensors")], p["input_size"])
