@@ -221,7 +221,7 @@ class FCMAE(nn.Module):
             target_r = cell_targets(imgs, removed, self.norm_pix_loss, self.patch_size)
             # every image has the same number of removed cells: the mean over all of them is the per-cell mean
             loss = F.mse_loss(pred_r.float(), target_r) if removed.shape[1] else pred_r.float().sum() * 0.0
-            pred = pred_r.new_zeros(n, num, pred_r.shape[-1]).scatter(
+            pred = pred_r.new_zeros(n, num, pred_r.shape[-1]).scatter_(
                 1, removed.unsqueeze(-1).expand(-1, -1, pred_r.shape[-1]), pred_r
             )
         return {"loss": loss, "pred": pred, "mask": mask}
