@@ -48,3 +48,10 @@ def test_autocast_on_cpu_runs_the_depthwise_conv_in_fp32():
     torch.testing.assert_close(y, F.conv2d(x, w, padding=3, groups=8))
     y.sum().backward()
     assert x.grad.dtype == w.grad.dtype == torch.float32
+
+
+def test_other_devices_keep_the_library_weight_gradient():
+    # the meta device stands in for an accelerator: the library's kernel is called (shapes only, no data)
+    x = torch.empty(2, 3, 8, 8, device="meta")
+    gw = depthwise_weight_grad(x, torch.empty_like(x), 7)
+    assert gw.shape == (3, 1, 7, 7) and gw.device.type == "meta"

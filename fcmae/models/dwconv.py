@@ -5,7 +5,8 @@ oneDNN's depthwise weight gradient runs at 3-20 GFLOP/s on CPU against 110-190 f
 sample ``n`` and channel ``c``, ``dW[c] = sum_n xcorr(pad(x[n, c]), g[n, c])``, a ``k x k`` output computed with
 ``g[n, c]`` (``H x W``) as the kernel. Run as one grouped convolution with ``N * C`` groups it takes the fast
 forward path: 1.6-5x less time for the stages of ConvNeXt V2 at 224 px, including the layout copies it needs
-(``benchmarks/profile_step.py``). Only the summation order changes; the result is the same gradient.
+(``benchmarks/README.md``). Only the summation order changes; the result is the same gradient. CPU only:
+other devices keep their library's weight gradient.
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ from torch import Tensor
 def depthwise_weight_grad(x: Tensor, grad_out: Tensor, kernel_size: int) -> Tensor:
     """Weight gradient of a stride-1, ``padding = k // 2`` depthwise convolution.
 
-    x, grad_out: ``(N, C, H, W)`` in any memory format, same dtype -> ``(C, 1, k, k)``.
+    x, grad_out: ``(N, C, H, W)`` in any memory format, same dtype -> ``(C, 1, k, k)``. On CPU as a grouped
+    forward convolution; elsewhere with the library's own kernel (the reason for the detour, oneDNN's slow weight
+    gradient, is a CPU one, and huge-kernel grouped convolutions are not what GPU libraries tune for).
     """
     n, c, h, w = grad_out.shape
     p = kernel_size // 2
+    if x.device.type != "cpu":
+        weight = x.new_empty(c, 1, kernel_size, kernel_size)  # only its shape is read
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [p, p], [1, 1], False, [0, 0], c, [False, True, False])[1]
     xp = x.new_zeros(n, c, h + 2 * p, w + 2 * p)  # NCHW, one input plane per group: pad and transpose in one copy
     xp[:, :, p:p + h, p:p + w] = x
     kernels = grad_out.contiguous().view(n * c, 1, h, w)  # the output gradient as N*C kernels of H x W
