@@ -16,6 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _library_backward(grad_out: Tensor, x: Tensor, weight: Tensor, which: int) -> Tensor:
+    """The library's own gradient of ``conv2d(x, weight, padding=k//2, groups=C)``: input (0) or weight (1)."""
+    k, c = weight.shape[-1], weight.shape[0]
+    mask = [which == 0, which == 1, False]
+    return torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], c, mask)[which]
+
+
 def depthwise_weight_grad(x: Tensor, grad_out: Tensor, kernel_size: int) -> Tensor:
     """Weight gradient of a stride-1, ``padding = k // 2`` depthwise convolution.
 
@@ -26,9 +34,7 @@ def depthwise_weight_grad(x: Tensor, grad_out: Tensor, kernel_size: int) -> Tens
     n, c, h, w = grad_out.shape
     p = kernel_size // 2
     if x.device.type != "cpu":
-        weight = x.new_empty(c, 1, kernel_size, kernel_size)  # only its shape is read
-        return torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, [1, 1], [p, p], [1, 1], False, [0, 0], c, [False, True, False])[1]
+        return _library_backward(grad_out, x, x.new_empty(c, 1, kernel_size, kernel_size), 1)  # shape only
     xp = x.new_zeros(n, c, h + 2 * p, w + 2 * p)  # NCHW, one input plane per group: pad and transpose in one copy
     xp[:, :, p:p + h, p:p + w] = x
     kernels = grad_out.contiguous().view(n * c, 1, h, w)  # the output gradient as N*C kernels of H x W
@@ -38,9 +44,7 @@ def depthwise_weight_grad(x: Tensor, grad_out: Tensor, kernel_size: int) -> Tens
 
 def depthwise_input_grad(grad_out: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     """Input gradient of the same convolution (oneDNN's own, fast): -> like ``x``."""
-    k, c = weight.shape[-1], weight.shape[0]
-    return torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, [1, 1], [k // 2, k // 2], [1, 1], False, [0, 0], c, [True, False, False])[0]
+    return _library_backward(grad_out, x, weight, 0)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

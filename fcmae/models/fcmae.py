@@ -201,10 +201,10 @@ class FCMAE(nn.Module):
         ``num_keep``: visible cells per image when known (training: ``num_kept(L, mask_ratio)``), so the step
         never waits for the mask to reach the host; None reads it from a given mask.
         """
-        if mask is None:
-            num_keep = num_kept(self.grid_size(imgs)[0] * self.grid_size(imgs)[1], self.mask_ratio)
-        mask = self._mask(imgs, mask, generator)
         h, w = self.grid_size(imgs)
+        if mask is None:
+            num_keep = num_kept(h * w, self.mask_ratio)
+        mask = self._mask(imgs, mask, generator)
         n, num = mask.shape
         tokens, keep = self.encode_tokens(imgs, mask, num_keep)
         feats = self.forward_decoder(tokens, keep, (h, w))
