@@ -220,6 +220,41 @@ def test_custom_autograd_functions_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w, b: _SparseDWConv.apply(x, w, b, ctx.index(2), (2, 4, 4)), (x, w, b))
 
 
+def test_grn_linear_fusion_gradcheck_and_equals_grn_then_linear():
+    from fcmae.models.convnextv2 import GRN, Block, _fuse_grn_linear, _GRNLinear
+
+    g = torch.Generator().manual_seed(0)
+    x, gamma, beta = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((3, 7, 8), 8, 8))
+    w, b = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((4, 8), 4))
+    assert torch.autograd.gradcheck(lambda *a: _GRNLinear.apply(*a, 1e-6), (x, gamma, beta, w, b))
+    no_bias = lambda x, gm, bt, w: _GRNLinear.apply(x, gm, bt, w, None, 1e-6)  # noqa: E731
+    assert torch.autograd.gradcheck(no_bias, (x, gamma, beta, w))
+    # fp32, realistic sizes: same output and gradients as GRN followed by the Linear
+    grn, lin = GRN(64), torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        grn.gamma.normal_(generator=g), grn.beta.normal_(generator=g)
+    x = torch.randn(4, 300, 64, generator=g, requires_grad=True)
+    params = [x, grn.gamma, grn.beta, lin.weight, lin.bias]
+    y1 = lin(grn(x, dims=(1,)))
+    gy = torch.randn(y1.shape, generator=g)
+    y2 = _GRNLinear.apply(x, grn.gamma, grn.beta, lin.weight, lin.bias, grn.eps)
+    assert torch.allclose(y1, y2, atol=1e-5, rtol=1e-5)
+    for a, c in zip(torch.autograd.grad(y1, params, gy), torch.autograd.grad(y2, params, gy)):
+        assert torch.allclose(a, c, atol=1e-4 * float(a.abs().max()), rtol=1e-4)
+    # the block picks the fusion by shape (T >= C) and dtype; its output is GRN followed by the Linear
+    blk = Block(8)
+    assert _fuse_grn_linear(torch.zeros(2, 8, 32), blk.pwconv2)
+    assert not _fuse_grn_linear(torch.zeros(2, 7, 32), blk.pwconv2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _fuse_grn_linear(torch.zeros(2, 8, 32), blk.pwconv2)  # fp32 activation under bf16 autocast
+        assert _fuse_grn_linear(torch.zeros(2, 8, 32, dtype=torch.bfloat16), blk.pwconv2)
+    with torch.no_grad():
+        blk.grn.gamma.normal_(generator=g), blk.grn.beta.normal_(generator=g)
+    x = torch.randn(2, 3, 3, 8, generator=g)  # 9 positions >= 8 channels: fused
+    plain = blk.pwconv2(blk.grn(blk.act(blk.pwconv1(blk.norm(x))), dims=(1, 2)))
+    assert torch.allclose(blk.mlp(x), plain, atol=1e-5)
+
+
 @pytest.mark.parametrize("in_chans,norm", [(3, True), (1, False), (2, True)])
 def test_cell_targets_equal_patch_targets_of_those_cells(in_chans, norm):
     from fcmae.models.fcmae import cell_targets, patch_targets

@@ -128,6 +128,57 @@ class _GRNFunction(torch.autograd.Function):
         return grad_x, grad_gamma, grad_beta, None, None
 
 
+class _GRNLinear(torch.autograd.Function):
+    """``linear(grn(x))`` for token-major ``x`` ``(N, T, D)`` without materialising GRN's output.
+
+    GRN scales each sample's channels by ``s[n] = 1 + gamma * Nx[n]`` and adds ``beta``; folded into the Linear
+    that follows, that is one matmul per sample with the weight ``W * s[n]`` and the bias ``b + W @ beta``:
+    ``y[n] = x[n] @ (W * s[n]).T + b + W @ beta``. The backward gets GRN's ``sum_t(g * x)`` for free from the
+    per-sample weight gradient ``P[n] = gy[n].T @ x[n]`` (``(C, D)``): ``dL/ds[n] = sum_c P[n] * W``. This saves
+    four passes over the 4C-wide activation (GRN's output, ``g * x``, its sum, ``g * s``). Worth it where the
+    per-sample weights are small next to the activation (``T >= C``: the early stages); see ``grn_linear``.
+    Statistics in fp32 (fp64 stays fp64); matmuls in ``x``'s dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, bias: Tensor | None, eps: float
+                ) -> Tensor:
+        sd = torch.promote_types(x.dtype, torch.float32)
+        xs = x if x.dtype == sd else x.to(sd)
+        gx = xs.square().sum(dim=1, keepdim=True).sqrt()  # (N, 1, D)
+        m = gx.mean(dim=-1, keepdim=True) + eps
+        nx = gx / m
+        s = 1.0 + gamma.to(sd) * nx  # (N, 1, D)
+        w = weight.to(sd)
+        ws = (w * s).to(x.dtype)  # (N, C, D): per-sample weights
+        b_eff = w @ beta.to(sd) if bias is None else torch.addmv(bias.to(sd), w, beta.to(sd))
+        ctx.save_for_backward(x, gamma, beta, weight, gx, m, nx, s, ws)
+        ctx.has_bias = bias is not None
+        return torch.baddbmm(b_eff.to(x.dtype), x, ws.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, gamma, beta, weight, gx, m, nx, s, ws = ctx.saved_tensors
+        sd = gx.dtype
+        gy = gy.to(x.dtype)
+        p = torch.bmm(gy.transpose(1, 2), x).to(sd)  # (N, C, D)
+        w = weight.to(sd)
+        gsum = gy.sum(dim=(0, 1), dtype=sd)  # (C,)
+        gs = (p * w).sum(dim=1, keepdim=True)  # (N, 1, D): dL/ds = sum_t (dL/d grn(x)) * x
+        need = ctx.needs_input_grad
+        grad_gamma = (gs * nx).sum(dim=(0, 1)).to(gamma.dtype) if need[1] else None
+        grad_beta = (gsum @ w).to(beta.dtype) if need[2] else None
+        grad_w = torch.addr((p * s).sum(dim=0), gsum, beta.to(sd)).to(weight.dtype) if need[3] else None
+        grad_b = gsum.to(weight.dtype) if ctx.has_bias and need[4] else None
+        grad_x = None
+        if need[0]:
+            grad_nx = gs * gamma.to(sd)
+            grad_gx = grad_nx / m - (grad_nx * gx).sum(dim=-1, keepdim=True) / (m * m * gx.shape[-1])
+            r = torch.where(gx > 0, grad_gx / gx.clamp_min(1e-30), torch.zeros_like(gx))
+            grad_x = torch.bmm(gy, ws).addcmul_(x, r.to(x.dtype))  # (gy @ W) * s + x * r
+        return grad_x, grad_gamma, grad_beta, grad_w, grad_b, None
+
+
 class GRN(nn.Module):
     """Global Response Normalisation on channels-last features.
 
@@ -147,6 +198,17 @@ class GRN(nn.Module):
         return _GRNFunction.apply(x, self.gamma, self.beta, tuple(dims), self.eps)
 
 
+def _fuse_grn_linear(tokens: Tensor, linear: nn.Linear) -> bool:
+    """Use ``_GRNLinear`` for ``linear(grn(tokens))``? Only where its per-sample weights ``(N, C, 4C)`` are no
+    larger than the activation ``(N, T, 4C)`` (``T >= C``: ConvNeXt V2's stages 0-1 at 224 px, sparse or dense;
+    later stages and the decoder have few positions and wide channels). Under autocast only when the activation
+    already has autocast's dtype, so the fused matmuls run in the dtype the plain Linear would."""
+    device = tokens.device.type
+    if torch.is_autocast_enabled(device) and tokens.dtype != torch.get_autocast_dtype(device):
+        return False
+    return tokens.shape[1] >= linear.out_features
+
+
 class Block(nn.Module):
     """ConvNeXt V2 block: dwconv 7x7 -> LayerNorm -> Linear 4x -> GELU -> GRN -> Linear, residual.
 
@@ -164,23 +226,45 @@ class Block(nn.Module):
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def mlp(self, x: Tensor, grn: Callable[[Tensor], Tensor]) -> Tensor:
-        """The per-position part on channels-last ``(..., C)`` input; ``grn`` applies GRN to ``(..., 4C)`` (skipped
-        when the block has no GRN)."""
-        x = self.norm(x)
-        x = self.act(self.pwconv1(x))
-        if self.grn is not None:
-            x = grn(x)
-        return self.pwconv2(x)
+    def mlp(self, x: Tensor) -> Tensor:
+        """The per-position part on channels-last ``(N, ..., C)`` input -> same shape; GRN pools each sample over
+        all axes between the first and the last (the visible tokens of the sparse encoder, ``H, W`` when dense)."""
+        x = self.act(self.pwconv1(self.norm(x)))
+        if self.grn is None:
+            return self.pwconv2(x)
+        n, d = x.shape[0], x.shape[-1]
+        tokens = x.reshape(n, -1, d)  # a view for token-major and channels-last maps
+        if _fuse_grn_linear(tokens, self.pwconv2):
+            y = _GRNLinear.apply(tokens, self.grn.gamma, self.grn.beta, self.pwconv2.weight, self.pwconv2.bias,
+                                 self.grn.eps)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return self.pwconv2(self.grn(x, dims=tuple(range(1, x.ndim - 1))))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: ``(N, C, H, W)``, preferably channels_last -> same shape."""
+    def _dwconv(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W)`` -> the depthwise conv's output as a channels-last ``(N, H, W, C)`` view."""
         dw = self.dwconv
         # bias added apart from the conv (a cheap pass whose gradient is a per-channel sum); depthwise_conv's
         # weight gradient is a grouped forward convolution, several times faster than oneDNN's on CPU
         y = depthwise_conv(x, dw.weight).permute(0, 2, 3, 1)
-        y = self.mlp(y + dw.bias.to(y.dtype), lambda t: self.grn(t, dims=(1, 2)))  # (N, H, W, C)
+        return y + dw.bias.to(y.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: ``(N, C, H, W)``, preferably channels_last -> same shape."""
+        y = self.mlp(self._dwconv(x))  # (N, H, W, C)
         return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+    def forward_rows(self, x: Tensor, rows: Tensor) -> Tensor:
+        """The block's output at chosen positions only: x ``(N, C, H, W)``, rows ``(N, R)`` flat ``y * W + x``
+        indices -> ``(N, R, C)``. Everything up to GRN runs on the whole map (the depthwise conv needs the
+        neighbours, GRN's statistics all positions); the last Linear and the residual only at ``rows``."""
+        n, c = x.shape[:2]
+        h = self.act(self.pwconv1(self.norm(self._dwconv(x))))  # (N, H, W, 4C)
+        if self.grn is not None:
+            h = self.grn(h, dims=(1, 2))
+        h = h.reshape(n, -1, h.shape[-1])
+        h = torch.gather(h, 1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        shortcut = torch.gather(x.permute(0, 2, 3, 1).reshape(n, -1, c), 1, rows.unsqueeze(-1).expand(-1, -1, c))
+        return shortcut + self.drop_path(self.pwconv2(h))
 
 
 def _stem(in_chans: int, dim: int) -> nn.Sequential:

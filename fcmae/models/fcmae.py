@@ -88,8 +88,9 @@ class FCMAE(nn.Module):
     """Fully convolutional masked autoencoder around a sparse ConvNeXt V2 encoder.
 
     The decoder runs on the final ``h x w = H/32 x W/32`` grid. The projection runs only at visible cells
-    (removed cells get the mask token anyway) and the pixel head only at removed cells (the loss ignores the
-    rest) unless ``predict_all=True``. ``backend`` picks the sparse encoder's implementation (``ENCODER_BACKENDS``).
+    (removed cells get the mask token anyway); the last decoder block's final Linear and the pixel head only at
+    removed cells (the loss ignores the rest) unless ``predict_all=True``. ``backend`` picks the sparse encoder's
+    implementation (``ENCODER_BACKENDS``).
     """
 
     def __init__(
@@ -173,15 +174,22 @@ class FCMAE(nn.Module):
         grid = tokens_to_grid(tokens, keep, h, w)
         return grid.transpose(1, 2).reshape(imgs.shape[0], -1, h, w)
 
-    def forward_decoder(self, tokens: Tensor, keep: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Visible tokens ``(N, K, C)`` -> decoder features ``(N, L, D)`` on the whole grid."""
+    def forward_decoder(self, tokens: Tensor, keep: Tensor, grid: tuple[int, int], rows: Tensor | None = None
+                        ) -> Tensor:
+        """Visible tokens ``(N, K, C)`` -> decoder features ``(N, L, D)`` on the whole grid, or ``(N, R, D)`` at the
+        cells ``rows`` ``(N, R)`` only (the last block's final Linear then runs on those cells alone)."""
         h, w = grid
         z = self.proj(tokens)
         x = tokens_to_grid(z, keep, h, w, fill=self.mask_token)  # (N, L, D)
         n, _, d = x.shape
         x = x.reshape(n, h, w, d).permute(0, 3, 1, 2)  # channels_last NCHW view
-        x = self.decoder(x)
-        return x.permute(0, 2, 3, 1).reshape(n, h * w, d)
+        blocks = list(self.decoder)
+        if rows is not None and blocks:
+            for blk in blocks[:-1]:
+                x = blk(x)
+            return blocks[-1].forward_rows(x, rows)
+        x = self.decoder(x).permute(0, 2, 3, 1).reshape(n, h * w, d)
+        return x if rows is None else torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, d))
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Per-patch MSE averaged over removed cells; pred ``(N, L, p*p*C)``."""
@@ -207,14 +215,12 @@ class FCMAE(nn.Module):
         mask = self._mask(imgs, mask, generator)
         n, num = mask.shape
         tokens, keep = self.encode_tokens(imgs, mask, num_keep)
-        feats = self.forward_decoder(tokens, keep, (h, w))
         if predict_all:
-            pred = self.pred(feats)
+            pred = self.pred(self.forward_decoder(tokens, keep, (h, w)))
             removed = None
         else:
             removed = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : num - keep.shape[1]]
-            feats_r = torch.gather(feats, 1, removed.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
-            pred_r = self.pred(feats_r)  # (N, R, P)
+            pred_r = self.pred(self.forward_decoder(tokens, keep, (h, w), removed))  # (N, R, P)
         if removed is None:
             loss = masked_mse(pred, patch_targets(imgs, self.norm_pix_loss, self.patch_size), mask)
         else:

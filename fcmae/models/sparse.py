@@ -184,7 +184,7 @@ class SparseConvNeXtV2(ConvNeXtV2Trunk):
     @staticmethod
     def _block(x: Tensor, blk: Block, ctx: SparseContext, r: int) -> Tensor:
         y = sparse_dwconv(x, blk.dwconv, ctx, r)
-        y = blk.mlp(y, lambda t: blk.grn(t, dims=(1,)))
+        y = blk.mlp(y)
         return x + blk.drop_path(y)
 
     def forward(self, imgs: Tensor, keep: Tensor) -> Tensor:
