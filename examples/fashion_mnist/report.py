@@ -59,7 +59,9 @@ def collect(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
         m = _metrics(d / "metrics.jsonl")
         pretrain[arm] = {"complete": s is not None, "summary": s,
                          "knn": [(r["step"], r["knn_top1"]) for r in m if "knn_top1" in r],
-                         "loss": [(r["step"], r["loss"]) for r in m if "loss" in r and "summary" not in r]}
+                         "loss": [(r["step"], r["loss"]) for r in m if "loss" in r and "summary" not in r],
+                         "monitor": monitor_overhead(m, cfg["pretrain"]["overrides"]["run.batch_size"],
+                                                     cfg["pretrain"]["overrides"]["monitor.every_steps"])}
     finetune: dict[str, dict[str, list[dict[str, Any]]]] = {}
     f = cfg["finetune"]
     for arm, a in f["arms"].items():
@@ -74,6 +76,27 @@ def collect(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"probe": probes, "pretrain": pretrain, "finetune": finetune, "devices": stage_devices(work),
             "diagnose": _json(diag[-1]) if diag else None, "diagnose_dir": str(diag[-1].parent) if diag else None,
             "evaluate_check": _json(work / "evaluate" / f"{cfg['evaluate_check']['run']}.json")}
+
+
+def monitor_overhead(rows: list[dict[str, Any]], batch_size: int, every: int) -> dict[str, Any] | None:
+    """The k-NN monitor's share of a pretraining run's time, from its metrics.jsonl, two ways.
+
+    ``measured``: the evaluations' seconds (each step once) over the run's wall time, summed over its segments
+    (a resumed run restarts ``time_s``; the steps redone after a resume count twice, a small overstatement of the
+    wall time). Anything that stalled the process (a pause, another job) is in it. ``steady``: the median
+    evaluation against the median training time of ``every`` steps (from the log intervals' images/s), robust to
+    such stalls and to the one-off loading of the monitor's images in each segment's first evaluation.
+    """
+    knn = {r["step"]: r["knn_seconds"] for r in rows if "knn_seconds" in r}
+    speed = [r["img_per_s"] for r in rows if "img_per_s" in r]
+    times = [r["time_s"] for r in rows if "time_s" in r]
+    if not knn or not speed or not times:
+        return None
+    wall = sum(t for t, nxt in zip(times, [*times[1:], -1.0]) if nxt < t)  # the last time of every segment
+    eval_s, train_s = statistics.median(knn.values()), every * batch_size / statistics.median(speed)
+    return {"evaluations": len(knn), "monitor_s": sum(knn.values()), "wall_s": wall,
+            "percent": 100 * sum(knn.values()) / wall, "eval_s": eval_s, "train_s_per_interval": train_s,
+            "steady_percent": 100 * eval_s / (eval_s + train_s)}
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -144,6 +167,87 @@ def status_lines(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
             f"- fine-tuning runs done: {done} of {expected}",
             f"- diagnose: {diag_txt}",
             f"- evaluate cross-check: {'done' if res['evaluate_check'] else PENDING}"]
+
+
+# ------------------------------------------------------------------------------------------- findings
+def _probe_mean(res: dict[str, Any], arm: str, metric: str, k: int) -> float | None:
+    runs = [x[metric] for x in ((res["probe"].get(arm) or {}).get("runs") or []) if x["labels_per_class"] == k]
+    return statistics.mean(runs) if runs else None
+
+
+def _versus(cfg: dict[str, Any], res: dict[str, Any], arm: str, base: str) -> list[str]:
+    """Fine-tuning of ``arm`` against ``base`` at every budget both have: difference of the means, with stds."""
+    parts = []
+    for b, _ in _budget_names(cfg):
+        a = [r["top1"] for r in res["finetune"].get(arm, {}).get(b, [])]
+        c = [r["top1"] for r in res["finetune"].get(base, {}).get(b, [])]
+        if a and c:
+            parts.append(f"{b}: {statistics.mean(a) - statistics.mean(c):+.2f} ({_ms(a)} vs {_ms(c)})")
+    return parts
+
+
+def findings(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    """Plain statements read off the numbers (no judgement beyond comparing them)."""
+    lines = []
+    g = cfg["gate"]
+    arm, budget, seed = g["run"]
+    gate = next((r for r in res["finetune"].get(arm, {}).get(budget, []) if r["seed"] == seed), None)
+    if gate:
+        ok = "passed" if gate["top1"] >= g["min_top1"] else "FAILED"
+        lines.append(f"- Gate: `{arm}` on {budget} of the labels reaches {gate['top1']:.2f} % top-1 "
+                     f"(needs {g['min_top1']}): {ok}.")
+    arms = list(cfg["pretrain"]["arms"])
+    base = next((a for a, v in cfg["finetune"]["arms"].items() if not v.get("init")), None)
+    for a in arms:
+        if base and (parts := _versus(cfg, res, a, base)):
+            lines.append(f"- Fine-tuning, `{a}` minus `{base}` (mean ± std over seeds): " + "; ".join(parts) + ".")
+    for a in arms:
+        parts = []
+        for b, k in _budget_names(cfg):
+            cells = []
+            for metric, short in (("knn_top1", "k-NN"), ("linear_top1", "linear")):
+                own = _probe_mean(res, a, metric, k)
+                if own is None:
+                    continue
+                refs = [f"{own - v:+.2f} vs {name}" for name, v in
+                        (("raw pixels", _probe_mean(res, "raw_pixels", metric, k)),
+                         ("random init", _probe_mean(res, "random_init", metric, k))) if v is not None]
+                cells.append(f"{short} {own:.2f} ({', '.join(refs)})")
+            if cells:
+                parts.append(f"{b}: " + ", ".join(cells))
+        if parts:
+            lines.append(f"- Frozen features of `{a}`: " + "; ".join(parts) + ".")
+    lines += _diagnose_findings(res, arms)
+    for a in arms:
+        mon, knn = res["pretrain"][a].get("monitor"), res["pretrain"][a]["knn"]
+        if mon and knn:
+            best = max(v for _, v in knn)
+            every = cfg["pretrain"]["overrides"]["monitor.every_steps"]
+            lines.append(f"- k-NN monitor of `{a}`: {knn[0][1]:.1f} at step {knn[0][0]}, best {best:.1f}, "
+                         f"{knn[-1][1]:.1f} at step {knn[-1][0]}. Overhead: {mon['evaluations']} evaluations took "
+                         f"{mon['monitor_s']:.1f} s of the run's {mon['wall_s']:.0f} s wall time "
+                         f"({mon['percent']:.1f} %); steady state {mon['eval_s']:.1f} s per evaluation against "
+                         f"{mon['train_s_per_interval']:.0f} s of training per {every} steps "
+                         f"({mon['steady_percent']:.1f} %).")
+    return lines
+
+
+def _diagnose_findings(res: dict[str, Any], arms: list[str]) -> list[str]:
+    """The paper (Fig. 4): without GRN, FCMAE features collapse (low channel cosine distance); GRN restores it."""
+    diag = res["diagnose"]
+    if not diag:
+        return []
+    dist = {m["name"]: m["mean_distance"] for m in diag["models"]}
+    text = ", ".join(f"{n} {d:.4f}" for n, d in dist.items())
+    lines = [f"- Feature diversity (mean channel cosine distance of the expansion layers over all blocks): {text}."]
+    grn = [a for a in arms if a in dist and "nogrn" not in a]
+    nogrn = [a for a in arms if a in dist and "nogrn" in a]
+    if grn and nogrn:
+        a, b = dist[grn[0]], dist[nogrn[0]]
+        verdict = ("higher with GRN, the direction the paper reports" if a > b else
+                   "not higher with GRN: the paper's finding does not reproduce here")
+        lines.append(f"- GRN vs no GRN: {a:.4f} vs {b:.4f}, {verdict}.")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -256,7 +360,7 @@ def write_report(cfg: dict[str, Any], work: Path, out: Path, doc: Path, config_p
             "## Frozen features: k-NN and linear probe (test top-1 %, mean ± std over label subsets)", "",
             "A representation that cannot beat the raw-pixel baselines learned nothing useful.", "",
             *probe_table(cfg, res), "", "## Fine-tuning (test top-1 %, mean ± std over seeds)", "",
-            *finetune_table(cfg, res), ""]
+            *finetune_table(cfg, res), "", "## Findings (read off the numbers above)", "", *findings(cfg, res), ""]
     for name, title in (("knn_monitor.png", "k-NN monitor during pretraining"),
                         ("pretrain_loss.png", "Pretraining loss"), ("accuracy_vs_budget.png", "Accuracy vs labels"),
                         ("cosine_distance.png", "Feature collapse: channel cosine distance per block (paper Fig. 4)"),
