@@ -88,6 +88,26 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+def _grn_scale(x: Tensor, gamma: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, ...]:
+    """GRN's statistics of channels-last ``x``, in fp32 (fp64 stays fp64 for gradcheck): ``Gx = ||x||_2`` over
+    ``dims`` per sample and channel, ``m = mean_c Gx + eps``, ``Nx = Gx / m`` and the scale ``s = 1 + gamma * Nx``
+    (all shaped like ``x`` with ``dims`` kept as 1)."""
+    sd = torch.promote_types(x.dtype, torch.float32)
+    xs = x if x.dtype == sd else x.to(sd)
+    # square+sum: multi-threaded on CPU, unlike vector_norm over several dims (~2x faster there)
+    gx = xs.square().sum(dim=dims, keepdim=True).sqrt()
+    m = gx.mean(dim=-1, keepdim=True) + eps
+    nx = gx / m
+    return gx, m, nx, 1.0 + gamma.to(sd) * nx
+
+
+def _grn_norm_grad(gs: Tensor, gamma: Tensor, gx: Tensor, m: Tensor) -> Tensor:
+    """Given ``gs = dL/ds``, the factor ``r`` with ``dL/dx = (dL/dy) * s + x * r`` (the path through ``Gx``)."""
+    grad_nx = gs * gamma.to(gs.dtype)
+    grad_gx = grad_nx / m - (grad_nx * gx).sum(dim=-1, keepdim=True) / (m * m * gx.shape[-1])
+    return torch.where(gx > 0, grad_gx / gx.clamp_min(1e-30), torch.zeros_like(gx))
+
+
 class _GRNFunction(torch.autograd.Function):
     """GRN with a fused backward: ``out = x * (1 + gamma * Nx) + beta``, ``Nx = Gx / (mean_c Gx + eps)``,
     ``Gx = ||x||_2`` over ``dims`` per sample and channel, statistics in fp32.
@@ -98,13 +118,7 @@ class _GRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
-        sd = torch.promote_types(x.dtype, torch.float32)  # fp32 statistics (fp64 stays fp64 for gradcheck)
-        xs = x if x.dtype == sd else x.to(sd)
-        # square+sum: multi-threaded on CPU, unlike vector_norm over several dims (~2x faster there)
-        gx = xs.square().sum(dim=dims, keepdim=True).sqrt()
-        m = gx.mean(dim=-1, keepdim=True) + eps
-        nx = gx / m
-        s = 1.0 + gamma.to(sd) * nx
+        gx, m, nx, s = _grn_scale(x, gamma, dims, eps)
         ctx.save_for_backward(x, gamma, gx, m, nx, s)
         ctx.dims = dims
         return torch.addcmul(beta.to(x.dtype), x, s.to(x.dtype))
@@ -121,9 +135,7 @@ class _GRNFunction(torch.autograd.Function):
         grad_beta = g.sum(dim=lead, dtype=sd).to(gamma.dtype) if ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_nx = gs * gamma.to(sd)
-            grad_gx = grad_nx / m - (grad_nx * gx).sum(dim=-1, keepdim=True) / (m * m * gx.shape[-1])
-            r = torch.where(gx > 0, grad_gx / gx.clamp_min(1e-30), torch.zeros_like(gx))
+            r = _grn_norm_grad(gs, gamma, gx, m)
             grad_x = torch.addcmul(g * s.to(g.dtype), x, r.to(x.dtype))
         return grad_x, grad_gamma, grad_beta, None, None
 
@@ -143,12 +155,8 @@ class _GRNLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, bias: Tensor | None, eps: float
                 ) -> Tensor:
-        sd = torch.promote_types(x.dtype, torch.float32)
-        xs = x if x.dtype == sd else x.to(sd)
-        gx = xs.square().sum(dim=1, keepdim=True).sqrt()  # (N, 1, D)
-        m = gx.mean(dim=-1, keepdim=True) + eps
-        nx = gx / m
-        s = 1.0 + gamma.to(sd) * nx  # (N, 1, D)
+        gx, m, nx, s = _grn_scale(x, gamma, (1,), eps)  # (N, 1, D) each
+        sd = gx.dtype
         w = weight.to(sd)
         ws = (w * s).to(x.dtype)  # (N, C, D): per-sample weights
         b_eff = w @ beta.to(sd) if bias is None else torch.addmv(bias.to(sd), w, beta.to(sd))
@@ -172,9 +180,7 @@ class _GRNLinear(torch.autograd.Function):
         grad_b = gsum.to(weight.dtype) if ctx.has_bias and need[4] else None
         grad_x = None
         if need[0]:
-            grad_nx = gs * gamma.to(sd)
-            grad_gx = grad_nx / m - (grad_nx * gx).sum(dim=-1, keepdim=True) / (m * m * gx.shape[-1])
-            r = torch.where(gx > 0, grad_gx / gx.clamp_min(1e-30), torch.zeros_like(gx))
+            r = _grn_norm_grad(gs, gamma, gx, m)
             grad_x = torch.bmm(gy, ws).addcmul_(x, r.to(x.dtype))  # (gy @ W) * s + x * r
         return grad_x, grad_gamma, grad_beta, grad_w, grad_b, None
 
