@@ -255,6 +255,27 @@ def test_grn_linear_fusion_gradcheck_and_equals_grn_then_linear():
     assert torch.allclose(blk.mlp(x), plain, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_grn", [True, False])
+def test_block_forward_rows_equals_the_whole_block_at_those_rows(use_grn):
+    from fcmae.models.convnextv2 import Block
+
+    g = torch.Generator().manual_seed(0)
+    blk = Block(16, use_grn=use_grn)
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    x = torch.randn(3, 16, 4, 5, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    rows = torch.stack([torch.randperm(20, generator=g)[:7] for _ in range(3)])
+    full = blk(x).permute(0, 2, 3, 1).reshape(3, 20, 16)
+    want = torch.gather(full, 1, rows.unsqueeze(-1).expand(-1, -1, 16))
+    got = blk.forward_rows(x, rows)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gy = torch.randn(got.shape, generator=g)
+    params = [x, *blk.parameters()]
+    for a, b in zip(torch.autograd.grad(want, params, gy), torch.autograd.grad(got, params, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("in_chans,norm", [(3, True), (1, False), (2, True)])
 def test_cell_targets_equal_patch_targets_of_those_cells(in_chans, norm):
     from fcmae.models.fcmae import cell_targets, patch_targets
