@@ -255,6 +255,20 @@ def test_grn_linear_fusion_gradcheck_and_equals_grn_then_linear():
     assert torch.allclose(blk.mlp(x), plain, atol=1e-5)
 
 
+@pytest.mark.parametrize("depth", [0, 2])
+def test_decoder_depths_match_the_reference(depth, rng):
+    """The decoder's last block runs its final Linear on removed cells only; with no block, the head still does."""
+    ours, ref = _pair(decoder_depth=depth)
+    x = torch.randn(2, 3, 96, 96, generator=rng)
+    mask = random_masking(2, 3, 0.6, generator=rng)
+    a, b = ours(x, mask), ref(x, mask)
+    assert _rel(a["loss"], b["loss"]) < 1e-4
+    a["loss"].backward()
+    b["loss"].backward()
+    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        assert _rel(p.grad, q.grad) < 1e-3, name
+
+
 @pytest.mark.parametrize("use_grn", [True, False])
 def test_block_forward_rows_equals_the_whole_block_at_those_rows(use_grn):
     from fcmae.models.convnextv2 import Block
