@@ -44,6 +44,7 @@ def test_diagnose_finding_compares_grn_with_no_grn(grn, nogrn, word):
     res = {"diagnose": {"models": [{"name": "fcmae_grn", "mean_distance": grn},
                                    {"name": "fcmae_nogrn", "mean_distance": nogrn},
                                    {"name": "random init", "mean_distance": 0.9}]}}
-    lines = report._diagnose_findings(res, ["fcmae_grn", "fcmae_nogrn"])
+    cfg = {"pretrain": {"arms": {"fcmae_grn": {"model.use_grn": True}, "fcmae_nogrn": {"model.use_grn": False}}}}
+    lines = report._diagnose_findings(cfg, res)
     assert word in lines[-1] and f"{grn:.4f} vs {nogrn:.4f}" in lines[-1]
-    assert report._diagnose_findings({"diagnose": None}, ["fcmae_grn"]) == []
+    assert report._diagnose_findings(cfg, {"diagnose": None}) == []

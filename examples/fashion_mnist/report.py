@@ -217,7 +217,7 @@ def findings(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
                 parts.append(f"{b}: " + ", ".join(cells))
         if parts:
             lines.append(f"- Frozen features of `{a}`: " + "; ".join(parts) + ".")
-    lines += _diagnose_findings(res, arms)
+    lines += _diagnose_findings(cfg, res)
     for a in arms:
         mon, knn = res["pretrain"][a].get("monitor"), res["pretrain"][a]["knn"]
         if mon and knn:
@@ -232,7 +232,7 @@ def findings(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _diagnose_findings(res: dict[str, Any], arms: list[str]) -> list[str]:
+def _diagnose_findings(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
     """The paper (Fig. 4): without GRN, FCMAE features collapse (low channel cosine distance); GRN restores it."""
     diag = res["diagnose"]
     if not diag:
@@ -240,8 +240,9 @@ def _diagnose_findings(res: dict[str, Any], arms: list[str]) -> list[str]:
     dist = {m["name"]: m["mean_distance"] for m in diag["models"]}
     text = ", ".join(f"{n} {d:.4f}" for n, d in dist.items())
     lines = [f"- Feature diversity (mean channel cosine distance of the expansion layers over all blocks): {text}."]
-    grn = [a for a in arms if a in dist and "nogrn" not in a]
-    nogrn = [a for a in arms if a in dist and "nogrn" in a]
+    arms = {a: o.get("model.use_grn", True) for a, o in cfg["pretrain"]["arms"].items() if a in dist}
+    grn = [a for a, uses in arms.items() if uses]
+    nogrn = [a for a, uses in arms.items() if not uses]
     if grn and nogrn:
         a, b = dist[grn[0]], dist[nogrn[0]]
         verdict = ("higher with GRN, the direction the paper reports" if a > b else

@@ -79,6 +79,11 @@ def check_image_size(height: int, width: int, stride: int = STRIDE) -> None:
         )
 
 
+def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x[n, rows[n]]`` for every sample: x ``(N, L, D)``, rows ``(N, R)`` int64 -> ``(N, R, D)``."""
+    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channel axis of an ``(N, C, H, W)`` map (any memory format)."""
 
@@ -148,7 +153,7 @@ class _GRNLinear(torch.autograd.Function):
     ``y[n] = x[n] @ (W * s[n]).T + b + W @ beta``. The backward gets GRN's ``sum_t(g * x)`` for free from the
     per-sample weight gradient ``P[n] = gy[n].T @ x[n]`` (``(C, D)``): ``dL/ds[n] = sum_c P[n] * W``. This saves
     four passes over the 4C-wide activation (GRN's output, ``g * x``, its sum, ``g * s``). Worth it where the
-    per-sample weights are small next to the activation (``T >= C``: the early stages); see ``grn_linear``.
+    per-sample weights are small next to the activation (``T >= C``: the early stages); see ``_fuse_grn_linear``.
     Statistics in fp32 (fp64 stays fp64); matmuls in ``x``'s dtype.
     """
 
@@ -235,7 +240,7 @@ class Block(nn.Module):
     def mlp(self, x: Tensor) -> Tensor:
         """The per-position part on channels-last ``(N, ..., C)`` input -> same shape; GRN pools each sample over
         all axes between the first and the last (the visible tokens of the sparse encoder, ``H, W`` when dense)."""
-        x = self.act(self.pwconv1(self.norm(x)))
+        x = self._expand(x)
         if self.grn is None:
             return self.pwconv2(x)
         n, d = x.shape[0], x.shape[-1]
@@ -245,6 +250,10 @@ class Block(nn.Module):
                                  self.grn.eps)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return self.pwconv2(self.grn(x, dims=tuple(range(1, x.ndim - 1))))
+
+    def _expand(self, x: Tensor) -> Tensor:
+        """LayerNorm -> Linear 4x -> GELU: channels-last ``(..., C)`` -> ``(..., 4C)``, the expansion layer."""
+        return self.act(self.pwconv1(self.norm(x)))
 
     def _dwconv(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` -> the depthwise conv's output as a channels-last ``(N, H, W, C)`` view."""
@@ -264,12 +273,11 @@ class Block(nn.Module):
         indices -> ``(N, R, C)``. Everything up to GRN runs on the whole map (the depthwise conv needs the
         neighbours, GRN's statistics all positions); the last Linear and the residual only at ``rows``."""
         n, c = x.shape[:2]
-        h = self.act(self.pwconv1(self.norm(self._dwconv(x))))  # (N, H, W, 4C)
+        h = self._expand(self._dwconv(x))  # (N, H, W, 4C)
         if self.grn is not None:
             h = self.grn(h, dims=(1, 2))
-        h = h.reshape(n, -1, h.shape[-1])
-        h = torch.gather(h, 1, rows.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        shortcut = torch.gather(x.permute(0, 2, 3, 1).reshape(n, -1, c), 1, rows.unsqueeze(-1).expand(-1, -1, c))
+        h = gather_rows(h.reshape(n, -1, h.shape[-1]), rows)
+        shortcut = gather_rows(x.permute(0, 2, 3, 1).reshape(n, -1, c), rows)
         return shortcut + self.drop_path(self.pwconv2(h))
 
 

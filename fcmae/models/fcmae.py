@@ -8,7 +8,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from fcmae.masking import check_mask_ratio, kept_indices, num_kept, random_masking
-from fcmae.models.convnextv2 import STRIDE, Block, canonical_name, check_image_size, get_variant
+from fcmae.models.convnextv2 import STRIDE, Block, canonical_name, check_image_size, gather_rows, get_variant
 from fcmae.models.sparse import SparseConvNeXtV2, tokens_to_grid
 
 
@@ -189,7 +189,7 @@ class FCMAE(nn.Module):
                 x = blk(x)
             return blocks[-1].forward_rows(x, rows)
         x = self.decoder(x).permute(0, 2, 3, 1).reshape(n, h * w, d)
-        return x if rows is None else torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, d))
+        return x if rows is None else gather_rows(x, rows)
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Per-patch MSE averaged over removed cells; pred ``(N, L, p*p*C)``."""

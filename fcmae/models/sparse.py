@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2Trunk, check_image_size
+from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2Trunk, check_image_size, gather_rows
 from fcmae.models.dwconv import compute_dtype, depthwise_input_grad, depthwise_weight_grad
 
 
@@ -165,7 +165,7 @@ class SparseConvNeXtV2(ConvNeXtV2Trunk):
         h, w = height // STRIDE, width // STRIDE
         k = keep.shape[1]
         patches = imgs.reshape(n, cin, h, STRIDE, w, STRIDE).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w, -1)
-        patches = torch.gather(patches, 1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        patches = gather_rows(patches, keep)
         # 32 = 2*2*2*4 per axis: Morton bits (y2 x2 y1 x1 y0 x0) over 4x4 pixel blocks, then (c, py, px) per block
         patches = patches.reshape(n, k, cin, 2, 2, 2, 4, 2, 2, 2, 4)
         patches = patches.permute(0, 1, 3, 7, 4, 8, 5, 9, 2, 6, 10).reshape(n, k * 64, cin * 16)
