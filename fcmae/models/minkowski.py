@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcmae.models.convnextv2 import GRN, STRIDE, Block, ConvNeXtV2Trunk, check_image_size
+from fcmae.models.convnextv2 import GRN, STRIDE, Block, ConvNeXtV2Trunk, check_image_size, gather_rows
 
 INSTALL_HINT = "scripts/install_minkowski.sh"
 SparseTensor = Any  # MinkowskiEngine.SparseTensor (the library is optional, so not imported for annotations)
@@ -307,7 +307,7 @@ class MinkowskiConvNeXtV2(ConvNeXtV2Trunk):
         s = x.tensor_stride[0]
         flat = coords[:, 0] * (grid_h * grid_w) + (coords[:, 1] // s) * grid_w + coords[:, 2] // s
         grid = x.F.new_zeros(n * grid_h * grid_w, c).index_copy(0, flat, x.F).view(n, grid_h * grid_w, c)
-        return torch.gather(grid, 1, keep.unsqueeze(-1).expand(-1, -1, c))
+        return gather_rows(grid, keep)
 
     def forward(self, imgs: Tensor, keep: Tensor) -> Tensor:
         if imgs.ndim != 4 or imgs.shape[1] != self.in_chans:
