@@ -30,7 +30,7 @@ def worker(impl: str, variant: str, batch: int, size: int, steps: int, fmt: str,
 
     torch.manual_seed(0)
     if impl == "ours":
-        from fcmae.models.convnextv2 import create_model
+        from fcmae.weights.loader import create_model
 
         model = create_model(variant, num_classes=1000)
     else:

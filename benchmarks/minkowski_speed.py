@@ -35,7 +35,7 @@ def worker(impl: str, variant: str, batch: int, size: int, steps: int) -> dict:
     """Median images/s over ``steps`` timed steps (after 2 warm-up steps) and the peak RSS growth in MiB."""
     import torch
 
-    from fcmae.masking import random_masking
+    from fcmae.models.masking import random_masking
 
     torch.manual_seed(0)
     base_rss = current_rss_mib()

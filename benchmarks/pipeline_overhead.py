@@ -42,7 +42,7 @@ def worker_model(variant: str, batch: int, size: int, steps: int) -> dict:
 
 def worker_pipeline(variant: str, batch: int, size: int, steps: int, folder: str, out: str, workers: int) -> dict:
     from fcmae.config import PretrainConfig, load_config
-    from fcmae.pretraining import run_pretraining
+    from fcmae.train.pretraining import run_pretraining
 
     cfg = load_config(PretrainConfig, None, [
         f"model.name={variant}", "data.source=folder", f"data.path={folder}", f"data.input_size={size}",

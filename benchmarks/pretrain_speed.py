@@ -22,8 +22,8 @@ from _common import current_rss_mib, median_step_seconds, peak_rss_mib, run_isol
 def worker(impl: str, variant: str, batch: int, size: int, steps: int, dtype: str) -> dict:
     import torch
 
-    from fcmae.masking import random_masking
     from fcmae.models.fcmae import create_fcmae
+    from fcmae.models.masking import random_masking
     from fcmae.models.reference import create_reference_fcmae
 
     torch.manual_seed(0)
@@ -52,8 +52,8 @@ def flops_per_image(impl: str, variant: str, size: int) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fcmae.masking import random_masking
     from fcmae.models.fcmae import create_fcmae
+    from fcmae.models.masking import random_masking
     from fcmae.models.reference import create_reference_fcmae
 
     def conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:

@@ -44,11 +44,11 @@ def build_step(impl: str, variant: str, batch: int, size: int):
     import torch
     import torch.nn.functional as F
 
-    from fcmae.masking import random_masking
+    from fcmae.models.masking import random_masking
 
     torch.manual_seed(0)
     if impl == "dense":
-        from fcmae.models.convnextv2 import create_model
+        from fcmae.weights.loader import create_model
 
         model = create_model(variant, num_classes=1000)
         imgs = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from fcmae.models.registry import MASK_RATIO
+
 T = TypeVar("T")
 
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
@@ -95,7 +97,7 @@ class RunConfig:
 
 def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
     """Range checks of the shared sections (the recipe classes add theirs)."""
-    from fcmae.models.convnextv2 import get_variant
+    from fcmae.models.registry import get_variant
 
     m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
     try:
@@ -138,7 +140,7 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
 # --------------------------------------------------------------------------------------------- pretraining
 @dataclass
 class PretrainModelConfig(ModelConfig):
-    mask_ratio: float = 0.6
+    mask_ratio: float = MASK_RATIO
     decoder_depth: int = 1
     decoder_embed_dim: int = 512
     norm_pix_loss: bool = True
@@ -414,6 +416,6 @@ def config_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
     """Write the merged config as YAML (atomically)."""
-    from fcmae.checkpoint import write_text_atomic
+    from fcmae.weights.files import write_text_atomic
 
     return write_text_atomic(path, config_yaml(cfg))

@@ -1,5 +1,5 @@
 """Run a recipe and SIGKILL the process right after optimizer step N, through the trainer's documented
-``callbacks`` hook (no test-only code path in the package). Usage:
+``hooks`` (step hooks) (no test-only code path in the package). Usage:
 
     python tests/crash_run.py pretrain|finetune N key=value ...
 """
@@ -13,8 +13,8 @@ import sys
 
 def main() -> None:
     from fcmae.config import FinetuneConfig, PretrainConfig, load_config
-    from fcmae.finetuning import run_finetuning
-    from fcmae.pretraining import run_pretraining
+    from fcmae.train.finetuning import run_finetuning
+    from fcmae.train.pretraining import run_pretraining
 
     kind, kill_step, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     cls, run = {"pretrain": (PretrainConfig, run_pretraining), "finetune": (FinetuneConfig, run_finetuning)}[kind]
@@ -23,7 +23,7 @@ def main() -> None:
         if trainer.state.step == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    run(load_config(cls, None, overrides), callbacks=[kill])
+    run(load_config(cls, None, overrides), hooks=[kill])
 
 
 if __name__ == "__main__":

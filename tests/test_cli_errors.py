@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from fcmae.cli import main
-from fcmae.io import save_state_dict
-from fcmae.models.convnextv2 import create_model
+from fcmae.weights.files import save_state_dict
+from fcmae.weights.loader import create_model
 
 TINY_PRE = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_chans=1", "data.source=demo",
             "data.input_size=64", "data.limit=8", "data.num_workers=0", "optim.epochs=1", "run.batch_size=4",

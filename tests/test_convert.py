@@ -1,4 +1,5 @@
-"""Checkpoint reading/writing (``fcmae.io``), layout conversion (``fcmae.convert``) and ``fcmae convert``."""
+"""Weight-file reading/writing (``fcmae.weights.files``), layout conversion (``fcmae.weights.layouts``) and
+``fcmae convert``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from safetensors.torch import save_file
 
 from fcmae import create_model, list_models
 from fcmae.cli import main
-from fcmae.convert import (
+from fcmae.models.fcmae import create_fcmae
+from fcmae.weights.files import WeightFileError, load_state_dict_file, save_state_dict
+from fcmae.weights.layouts import (
     ConversionError,
     check_against_model,
     dense_to_timm,
@@ -33,8 +36,6 @@ from fcmae.convert import (
     timm_to_dense,
     to_dense,
 )
-from fcmae.io import CheckpointError, load_state_dict_file, save_state_dict
-from fcmae.models.fcmae import create_fcmae
 
 VARIANT = "convnextv2_test"
 StateDict = dict[str, torch.Tensor]
@@ -296,7 +297,7 @@ def test_load_errors(tmp_path):
         "empty_dir": "directory holds no model weights",
     }
     for name, problem in cases.items():
-        with pytest.raises(CheckpointError) as info:
+        with pytest.raises(WeightFileError) as info:
             load_state_dict_file(tmp_path / name)
         msg = str(info.value)
         assert "\n" not in msg and name in msg and problem in msg, msg

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_
 
-from fcmae.convert import dense_to_timm, timm_to_dense
-from fcmae.models.convnextv2 import ConvNeXtV2, create_model, list_models
+from fcmae.models.convnextv2 import ConvNeXtV2
+from fcmae.models.registry import list_models
+from fcmae.weights.layouts import dense_to_timm, timm_to_dense
+from fcmae.weights.loader import create_model
 
 # ImageNet-1k classifier sizes from the ConvNeXt V2 paper (Table 7 / model zoo), millions of parameters
 PAPER_PARAMS_M = {

@@ -7,10 +7,10 @@ import math
 
 import torch
 
-from fcmae.checkpoint import find_latest_checkpoint
 from fcmae.data import EpochSampler, SeededSamples
 from fcmae.models.fcmae import create_fcmae
-from fcmae.trainer import lr_at, param_groups, scaled_lr
+from fcmae.train.trainer import lr_at, param_groups, scaled_lr
+from fcmae.weights.checkpoints import find_latest_checkpoint
 
 
 def test_weight_decay_groups():

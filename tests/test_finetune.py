@@ -19,11 +19,10 @@ from torch import nn
 
 from fcmae.config import ConfigError, EmaConfig, FinetuneConfig, MixupConfig, load_config
 from fcmae.data import SeededSamples, stratified_subset
-from fcmae.finetuning import build_ema, build_mixup_and_loss, enable_linear_probe, run_finetuning
-from fcmae.io import save_state_dict
-from fcmae.models.convnextv2 import create_model
-from fcmae.trainer import param_groups
-from fcmae.weights import WeightsError, fold_probe_head, load_weights
+from fcmae.train.finetuning import build_ema, build_mixup_and_loss, enable_linear_probe, run_finetuning
+from fcmae.train.trainer import param_groups
+from fcmae.weights.files import save_state_dict
+from fcmae.weights.loader import WeightsError, create_model, fold_probe_head, load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------------------------------------- layer decay
 def _layer_table(model: nn.Module, decay: float, coarse: bool) -> dict[str, tuple[int, float]]:
     """Parameter name -> (layer id, lr scale) from the optimizer groups; ids recovered from the scales."""
-    groups = param_groups(model, 0.05, decay, coarse)
+    model.layer_decay_type = "group" if coarse else "single"
+    groups = param_groups(model, 0.05, decay)
     names = {id(p): n for n, p in model.named_parameters()}
     last = max(round(math.log(g["lr_scale"]) / math.log(decay)) for g in groups)
     return {names[id(p)]: (last - round(math.log(g["lr_scale"]) / math.log(decay)), g["lr_scale"])

@@ -31,9 +31,9 @@ from safetensors.torch import load_file
 
 from fcmae import create_model
 from fcmae.cli import main
-from fcmae.convert import ConversionError, detect_layout, to_dense
-from fcmae.io import CheckpointError, load_state_dict_file, read_checkpoint, save_folder, save_state_dict
 from fcmae.models.fcmae import create_fcmae
+from fcmae.weights.files import WeightFileError, load_state_dict_file, read_checkpoint, save_folder, save_state_dict
+from fcmae.weights.layouts import ConversionError, detect_layout, to_dense
 
 VARIANT = "convnextv2_test"
 StateDict = dict[str, torch.Tensor]
@@ -118,7 +118,7 @@ def test_official_pretraining_checkpoint(tmp_path, capsys):
     got2, md = load_state_dict_file(tmp_path / "enc.safetensors")
     _assert_equal_sd(got2, want)
     assert md["epoch"] == "799" and md["source_layout"] == "official_sparse"
-    with pytest.raises(CheckpointError, match=r"checkpoint-799\.pth: no EMA weights \(model_ema or state_dict_ema\)"):
+    with pytest.raises(WeightFileError, match=r"checkpoint-799\.pth: no EMA weights \(model_ema or state_dict_ema\)"):
         read_checkpoint(path, ema=True)
 
 
@@ -136,7 +136,7 @@ def test_official_finetuning_checkpoint(tmp_path, capsys, with_ema):
     with torch.no_grad():
         assert torch.equal(create_model(VARIANT, num_classes=5, pretrained=path).eval()(x), model(x))
         if with_ema:
-            from fcmae.weights import load_weights
+            from fcmae.weights.loader import load_weights
 
             clf = create_model(VARIANT, num_classes=5)
             assert load_weights(clf, path, ema=True)["fresh"] == []
@@ -203,7 +203,7 @@ def test_convert_refuses_code_running_pickles(tmp_path, capsys):
 
 def test_loader_refuses_code_running_pickles(tmp_path):
     for ckpt, marker in code_running_checkpoints(tmp_path):
-        with pytest.raises(CheckpointError) as info:
+        with pytest.raises(WeightFileError) as info:
             load_state_dict_file(ckpt)
         msg = str(info.value)
         assert "\n" not in msg and msg.startswith(f"{ckpt}: pickle references ") and OPEN_GLOBAL in msg, msg

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_
 
-from fcmae.convert import official_sparse_to_dense, to_dense
-from fcmae.masking import random_masking
 from fcmae.models.fcmae import create_fcmae
+from fcmae.models.masking import random_masking
 from fcmae.models.minkowski import INSTALL_HINT, minkowski_available
+from fcmae.weights.layouts import official_sparse_to_dense, to_dense
 
 # MinkowskiEngine 0.5.4 instantiates autograd Functions, which torch deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")

@@ -15,12 +15,19 @@ from PIL import Image
 
 from fcmae import create_model
 from fcmae.cli import main
-from fcmae.convert import check_against_model, dense_to_timm, detect_layout, infer_variant, timm_to_dense, to_dense
-from fcmae.diagnose import channel_cosine_distance, collapse_profile
-from fcmae.masking import random_masking
+from fcmae.evaluation.collapse import channel_cosine_distance, collapse_profile
+from fcmae.evaluation.features import evaluate_features, knn_predict, linear_probe, summarise
 from fcmae.models.fcmae import create_fcmae
+from fcmae.models.masking import random_masking
 from fcmae.models.reference import create_reference_fcmae
-from fcmae.probe import evaluate_features, knn_predict, linear_probe, summarise
+from fcmae.weights.layouts import (
+    check_against_model,
+    dense_to_timm,
+    detect_layout,
+    infer_variant,
+    timm_to_dense,
+    to_dense,
+)
 
 VARIANT = "convnextv2_test"
 
@@ -119,8 +126,8 @@ def test_sparse_encoder_without_grn_equals_masked_dense_reference(batch, rng):
 
 
 def test_grn_free_weights_convert_load_and_export(tmp_path: Path):
-    from fcmae.io import save_state_dict
-    from fcmae.weights import WeightsError, load_encoder, load_weights
+    from fcmae.weights.files import save_state_dict
+    from fcmae.weights.loader import WeightsError, load_encoder, load_weights
 
     mae = randomize_(create_fcmae(VARIANT, decoder_embed_dim=16, use_grn=False))
     sd = mae.state_dict()
@@ -207,7 +214,7 @@ def test_monitor_config_needs_both_sets():
 
 def test_knn_monitor_measures_an_encoder(tmp_path: Path):
     from fcmae.config import MonitorConfig
-    from fcmae.monitor import KnnMonitor
+    from fcmae.train.monitor import KnnMonitor
 
     data = _class_folder(tmp_path / "data")
     cfg = MonitorConfig(train=str(data), val=str(data), train_size=8, val_size=6, k=3)

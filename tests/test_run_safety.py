@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from fcmae.checkpoint import MANIFEST, cleanup_partial, find_latest_checkpoint, scan_checkpoints
 from fcmae.cli import main
 from fcmae.config import PretrainConfig, load_config
-from fcmae.pretraining import run_pretraining
+from fcmae.train.pretraining import run_pretraining
+from fcmae.weights.checkpoints import MANIFEST, cleanup_partial, find_latest_checkpoint, scan_checkpoints
 
 TINY = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_chans=1", "data.source=demo",
         "data.input_size=64", "data.limit=16", "data.num_workers=0", "optim.lr=1e-3", "optim.epochs=2",

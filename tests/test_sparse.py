@@ -7,8 +7,8 @@ import torch
 from conftest import randomize_
 
 from fcmae import create_model
-from fcmae.masking import kept_indices, random_masking, upsample_mask
 from fcmae.models.fcmae import create_fcmae, patchify, unpatchify
+from fcmae.models.masking import kept_indices, random_masking, upsample_mask
 from fcmae.models.reference import create_reference_fcmae
 
 VARIANT = "convnextv2_test"
@@ -44,7 +44,7 @@ def test_bad_mask_ratio(ratio):
     with pytest.raises(ValueError, match="mask_ratio"):
         random_masking(2, 4, ratio)
     with pytest.raises(ValueError, match="mask_ratio"):
-        create_fcmae(VARIANT, mask_ratio=ratio)
+        create_fcmae(VARIANT)(torch.randn(2, 3, 64, 64), mask_ratio=ratio)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import fcmae.masking as masking
+import fcmae.models.masking as masking
 from fcmae.config import PretrainConfig, load_config
-from fcmae.masking import random_masking
-from fcmae.models.convnextv2 import create_model
 from fcmae.models.fcmae import create_fcmae
-from fcmae.pretraining import run_pretraining
-from fcmae.trainer import NonFiniteLossError
+from fcmae.models.masking import random_masking
+from fcmae.train.pretraining import run_pretraining
+from fcmae.train.trainer import NonFiniteLossError
+from fcmae.weights.loader import create_model
 
 # ops that copy a device value to the host (Tensor.item / bool / int / tolist) or need one to size their output
 _HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero"}
@@ -80,7 +80,7 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
                 trainer.unwrapped.encoder.downsample_layers[0][0].weight.fill_(float("nan"))
 
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3 "):
-        run_pretraining(cfg, callbacks=[poison])
+        run_pretraining(cfg, hooks=[poison])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
     metrics = out / "metrics.jsonl"  # the first log line (step 4) would have held a NaN: none was written
     logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []

@@ -82,7 +82,7 @@ def one_line(exc: BaseException) -> str:
 def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
     """Run ``fn``; a user error becomes one line on stderr and its exit status (see the module docstring)."""
     from fcmae.config import ConfigError
-    from fcmae.trainer import NonFiniteLossError
+    from fcmae.train.trainer import NonFiniteLossError
 
     try:
         return int(fn() or 0)
@@ -126,7 +126,7 @@ def print_run_tail(s: Mapping[str, Any]) -> None:
 def write_json(path: str | Path | None, result: Mapping[str, Any]) -> None:
     """``--json PATH``: the command's results as JSON (atomically)."""
     if path:
-        from fcmae.checkpoint import write_json_atomic
+        from fcmae.weights.files import write_json_atomic
 
         write_json_atomic(path, dict(result))
 

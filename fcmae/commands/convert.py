@@ -1,10 +1,10 @@
 """``fcmae convert IN OUT [--to dense|timm|transformers] [--model NAME] [--ema]``: convert checkpoints.
 
 IN is a weight file (``.safetensors``, ``.pt/.pth/.bin``) or a folder holding one (accelerate checkpoint, timm or
-Hugging Face export) in any layout ``fcmae.convert.detect_layout`` knows: ours (dense or FCMAE pretraining), the
+Hugging Face export) in any layout ``fcmae.weights.layouts.detect_layout`` knows: ours (dense or FCMAE pretraining), the
 official MinkowskiEngine FCMAE checkpoint, the released FCMAE weights, official dense / fine-tuned weights and the
 official trainer's ``checkpoint-N.pth`` (``--ema`` takes its ``model_ema``), timm, Hugging Face. Pickles are read
-safely (``fcmae.io.safe_torch_load``).
+safely (``fcmae.weights.files.safe_torch_load``).
 
 OUT gets:
 - ``--to dense`` (default): our dense layout, one file, safetensors unless it ends in ``.pt``/``.pth``;
@@ -71,9 +71,9 @@ def _write(
     args: argparse.Namespace, dense: dict[str, Tensor], variant: str, metadata: dict[str, str]
 ) -> tuple[int, str]:
     """Write OUT in the target layout; returns (tensors written, description of what was written)."""
-    from fcmae.convert import dense_to_timm
-    from fcmae.export import export_timm_folder, export_transformers_folder, with_identity_norm
-    from fcmae.io import save_state_dict
+    from fcmae.weights.exports import export_timm_folder, export_transformers_folder, with_identity_norm
+    from fcmae.weights.files import save_state_dict
+    from fcmae.weights.layouts import dense_to_timm
 
     out_path = Path(args.output)
     if args.to == "transformers" and out_path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
@@ -96,7 +96,8 @@ def _write(
 
 def _convert(args: argparse.Namespace) -> dict[str, object]:
     """Do the work; returns the results, with the ``lines`` to print. Raises ValueError subclasses on bad input."""
-    from fcmae.convert import (
+    from fcmae.weights.files import read_checkpoint
+    from fcmae.weights.layouts import (
         check_against_model,
         infer_in_chans,
         infer_variant,
@@ -104,7 +105,6 @@ def _convert(args: argparse.Namespace) -> dict[str, object]:
         strip_wrapper_prefixes,
         to_dense,
     )
-    from fcmae.io import read_checkpoint
 
     ckpt = read_checkpoint(args.input, ema=args.ema)
     sd = ckpt.state_dict

@@ -1,7 +1,7 @@
 """``fcmae diagnose WEIGHTS... --data SPEC --out DIR``: the ConvNeXt V2 paper's feature-collapse analysis.
 
 For every block of every model, the average pairwise cosine distance between the channels of the expansion MLP
-layer (``pwconv1`` -> GELU, before GRN) over N images (:mod:`fcmae.diagnose`), plotted against the block's
+layer (``pwconv1`` -> GELU, before GRN) over N images (:mod:`fcmae.evaluation.collapse`), plotted against the block's
 normalised depth with all models on one plot (``cosine_distance.png``, the paper's Fig. 4), and the activation maps
 of randomly chosen channels of one layer on one image (``activations.png``, Fig. 3). Numbers in
 ``diagnose.json``. WEIGHTS are any files ``fcmae convert`` reads; ``--random-init VARIANT`` adds a random init.
@@ -53,8 +53,8 @@ def _models(args: argparse.Namespace) -> list[tuple[str, Any, dict[str, Any]]]:
     """``[(name, dense model, info)]`` in the order WEIGHTS, --random-init, --random-init-no-grn."""
     import torch
 
-    from fcmae.models.convnextv2 import canonical_name, create_model
-    from fcmae.weights import load_encoder
+    from fcmae.models.registry import canonical_name
+    from fcmae.weights.loader import create_model, load_encoder
 
     out = []
     for w in args.weights:
@@ -98,9 +98,9 @@ def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     """Distances of every model, the plots, and the results dict (also ``<out>/diagnose.json``)."""
     import torch
 
-    from fcmae.checkpoint import write_json_atomic
-    from fcmae.diagnose import collapse_profile, normalised_depth
+    from fcmae.evaluation.collapse import collapse_profile, normalised_depth
     from fcmae.models.convnextv2 import check_image_size
+    from fcmae.weights.files import write_json_atomic
 
     if args.num_images < 1 or args.channels < 1 or args.batch_size < 1:
         raise ValueError("--num-images, --channels and --batch-size must be >= 1")

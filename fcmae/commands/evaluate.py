@@ -53,10 +53,10 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from fcmae.data import SeededSamples, build_eval_transform, labelled_dataset
-    from fcmae.evaluation import evaluate
+    from fcmae.evaluation.accuracy import evaluate
     from fcmae.models.convnextv2 import check_image_size
-    from fcmae.trainer import resolve_mixed_precision
-    from fcmae.weights import load_classifier
+    from fcmae.train.trainer import resolve_mixed_precision
+    from fcmae.weights.loader import load_classifier
 
     check_data_arguments(args)
     model, info = load_classifier(args.checkpoint, args.model, args.in_chans, args.ema)

@@ -23,7 +23,7 @@ def _pct(v: float | None) -> str:
 def _finetune(args: argparse.Namespace) -> int:
     from fcmae.commands._common import is_main_process, load_command_config, print_run_tail
     from fcmae.config import FinetuneConfig
-    from fcmae.finetuning import run_finetuning
+    from fcmae.train.finetuning import run_finetuning
 
     s = run_finetuning(load_command_config(FinetuneConfig, args, OPTIONS))
     if not is_main_process():

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _pretrain(args: argparse.Namespace) -> int:
     from fcmae.commands._common import is_main_process, load_command_config, print_run_tail
     from fcmae.config import PretrainConfig
-    from fcmae.pretraining import run_pretraining
+    from fcmae.train.pretraining import run_pretraining
 
     s = run_pretraining(load_command_config(PretrainConfig, args, OPTIONS))
     if not is_main_process():

@@ -57,8 +57,8 @@ def build_encoder(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """``(dense model without head, or None for raw pixels; description)`` from the command's arguments."""
     import torch
 
-    from fcmae.models.convnextv2 import canonical_name, create_model
-    from fcmae.weights import load_encoder
+    from fcmae.models.registry import canonical_name
+    from fcmae.weights.loader import create_model, load_encoder
 
     if args.raw_pixels:
         return None, {"what": "raw pixels", "model": None, "layout": None, "use_grn": None, "metadata": {}}
@@ -99,8 +99,8 @@ def _features(model: Any, ds: Any, indices: list[int], args: argparse.Namespace,
 
     import torch
 
-    from fcmae.probe import extract_features
-    from fcmae.trainer import resolve_mixed_precision
+    from fcmae.evaluation.features import extract_features
+    from fcmae.train.trainer import resolve_mixed_precision
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     mp = resolve_mixed_precision(args.mixed_precision)
@@ -115,8 +115,8 @@ def _features(model: Any, ds: Any, indices: list[int], args: argparse.Namespace,
 def probe(args: argparse.Namespace) -> dict[str, Any]:
     """The whole command: data, features, every (budget, seed), summary dict (also the JSON)."""
     from fcmae.data import build_eval_transform, dataset_targets, first_per_class, labelled_dataset
+    from fcmae.evaluation.features import evaluate_features, summarise
     from fcmae.models.convnextv2 import check_image_size
-    from fcmae.probe import evaluate_features, summarise
 
     _check_args(args)
     model, desc = build_encoder(args)

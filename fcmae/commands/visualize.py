@@ -39,10 +39,11 @@ def _image_paths(items: list[str]) -> list[Path]:
 def _visualize(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from fcmae.data import BadImageError, build_eval_transform, load_image, mean_std
-    from fcmae.masking import check_mask_ratio, random_masking
-    from fcmae.visualize import save_reconstruction_figure
-    from fcmae.weights import load_pretraining_model
+    from fcmae.data import BadImageError, build_eval_transform, load_image
+    from fcmae.evaluation.figures import save_reconstruction_figure
+    from fcmae.models.masking import check_mask_ratio, random_masking
+    from fcmae.models.registry import mean_std
+    from fcmae.train.pretraining import load_pretraining_model
 
     if args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")

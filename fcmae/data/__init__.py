@@ -39,7 +39,7 @@ from fcmae.data.images import (
     load_image,
     to_model_mode,
 )
-from fcmae.data.sampling import EpochSampler, SeededSamples, sample_seed
+from fcmae.data.sampling import EpochSampler, Sample, SeededSamples, sample_seed
 from fcmae.data.transforms import (
     GRAY_MEAN,
     GRAY_STD,
@@ -57,6 +57,6 @@ __all__ = [
     "FinetuneData", "ImageFiles", "LabeledImageFolder", "SeededSamples", "budget_counts", "build_eval_transform",
     "build_finetune_data", "build_finetune_transform", "build_pretrain_dataset", "build_pretrain_transform",
     "check_in_chans", "dataset_targets", "demo_asset_path", "find_images", "first_per_class", "labelled_dataset",
-    "load_fashion_mnist_arrays", "load_image", "make_demo_asset", "mean_std", "read_idx", "sample_seed",
+    "load_fashion_mnist_arrays", "load_image", "make_demo_asset", "mean_std", "read_idx", "Sample", "sample_seed",
     "stratified_subset", "to_model_mode",
 ]

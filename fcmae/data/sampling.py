@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from fcmae.masking import random_masking
+from fcmae.models.masking import MASK_RATIO, random_masking
+
+
+class Sample(NamedTuple):
+    """One training item; batched by the DataLoader into the same type with a leading batch axis.
+
+    ``image``: ``(C, H, W)``; ``target``: the mask ``(h*w,)`` bool (pretraining, True = removed) or the label
+    (``-1`` for unlabelled data); ``skipped``: how many unreadable files were replaced to produce it.
+    """
+
+    image: Tensor
+    target: Tensor | int
+    skipped: int
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -56,17 +69,18 @@ class SeededSamples(Dataset):
     """``base[indices[i]]`` with its augmentation (and optionally a random mask) seeded per sample.
 
     Items of ``base`` are ``(image, n_skipped)`` (unlabelled) or ``(image, label[, n_skipped])`` (labelled).
-    Output: ``(image (C, H, W), label int, n_skipped int)`` with ``label = -1`` for unlabelled data, or with
-    ``mask_grid`` set ``(image, mask (h*w,) bool, n_skipped)`` (pretraining; ``True`` = removed).
+    Output: a ``Sample`` ``(image (C, H, W), label int, n_skipped int)`` with ``label = -1`` for unlabelled data,
+    or with ``mask_grid`` set ``(image, mask (h*w,) bool, n_skipped)`` (pretraining; ``True`` = removed).
 
     With ``seed`` set, every item draws from Python's, NumPy's and torch's global generators seeded by
     ``(seed, epoch, index)`` (timm's and torchvision's transforms use all three) and their previous states are
     restored afterwards, so a sample does not depend on workers or on what ran before. Set ``epoch`` before
-    iterating an epoch (DataLoader workers are re-created every epoch, so they see it).
+    iterating an epoch with ``use_epoch`` (DataLoader workers are re-created every epoch, so they see it).
     """
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None = None, seed: int | None = None,
-                 labelled: bool = True, mask_grid: tuple[int, int] | None = None, mask_ratio: float = 0.6) -> None:
+                 labelled: bool = True, mask_grid: tuple[int, int] | None = None, mask_ratio: float = MASK_RATIO
+                 ) -> None:
         self.base = base
         self.indices = list(indices) if indices is not None else list(range(len(base)))  # type: ignore[arg-type]
         self.seed = seed
@@ -77,6 +91,10 @@ class SeededSamples(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def use_epoch(self, epoch: int) -> None:
+        """The epoch whose augmentation the next iteration draws (not ``set_epoch``: see ``EpochSampler``)."""
+        self.epoch = epoch
 
     def _seeded_item(self, index: int, s: int) -> tuple:
         py_state, np_state = random.getstate(), np.random.get_state()
@@ -90,7 +108,7 @@ class SeededSamples(Dataset):
             random.setstate(py_state)
             np.random.set_state(np_state)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor | int, int]:
+    def __getitem__(self, index: int) -> Sample:
         s = sample_seed(self.seed, self.epoch, index) if self.seed is not None else None
         item = self.base[self.indices[index]] if s is None else self._seeded_item(index, s)
         if self.labelled:
@@ -98,7 +116,7 @@ class SeededSamples(Dataset):
         else:
             label, skipped = -1, int(item[1]) if len(item) > 1 else 0
         if self.mask_grid is None:
-            return item[0], label, skipped
+            return Sample(item[0], label, skipped)
         g = torch.Generator().manual_seed((s if s is not None else index) ^ 0x5DEECE66D)
         mask = random_masking(1, self.mask_grid, self.mask_ratio, generator=g)[0]
-        return item[0], mask, skipped
+        return Sample(item[0], mask, skipped)

@@ -11,18 +11,17 @@ from torch import Tensor
 from torchvision import transforms as T
 
 from fcmae.data.images import check_in_chans
+from fcmae.models.registry import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
+from fcmae.models.registry import mean_std as default_mean_std
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# one-channel statistics: the means of the ImageNet RGB statistics
-GRAY_MEAN: tuple[float] = (0.449,)
-GRAY_STD: tuple[float] = (0.226,)
+__all__ = ["GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "build_eval_transform", "build_finetune_transform",
+           "build_pretrain_transform", "mean_std"]
+
 
 
 def mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation statistics for ``in_chans`` channels: ImageNet's for RGB, their channel means for gray."""
-    return (GRAY_MEAN, GRAY_STD) if check_in_chans(in_chans) == 1 else (IMAGENET_MEAN, IMAGENET_STD)
-
+    """Normalisation statistics for ``in_chans`` (1 or 3) channels: the models' defaults (``fcmae.models.registry``)."""
+    return default_mean_std(check_in_chans(in_chans))
 
 
 # --------------------------------------------------------------------------------------------- transforms

@@ -13,10 +13,9 @@ so the dense and sparse encoders have identical state dict keys and shapes.
 from __future__ import annotations
 
 import math
-import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,50 +23,11 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from fcmae.models.dwconv import depthwise_conv
+from fcmae.models.registry import get_variant
 
 STRIDE = 32  # total stride of the encoder: stem 4 x three 2x downsamples
 _STAGE_RE = re.compile(r"^stages\.(\d+)\.(\d+)\.")
 _DOWNSAMPLE_RE = re.compile(r"^downsample_layers\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """Depths and widths of the four stages of one ConvNeXt V2 variant."""
-
-    depths: tuple[int, int, int, int]
-    dims: tuple[int, int, int, int]
-
-
-_VARIANTS: dict[str, VariantSpec] = {
-    "convnextv2_test": VariantSpec((1, 1, 2, 1), (8, 16, 24, 32)),
-    "convnextv2_atto": VariantSpec((2, 2, 6, 2), (40, 80, 160, 320)),
-    "convnextv2_femto": VariantSpec((2, 2, 6, 2), (48, 96, 192, 384)),
-    "convnextv2_pico": VariantSpec((2, 2, 6, 2), (64, 128, 256, 512)),
-    "convnextv2_nano": VariantSpec((2, 2, 8, 2), (80, 160, 320, 640)),
-    "convnextv2_tiny": VariantSpec((3, 3, 9, 3), (96, 192, 384, 768)),
-    "convnextv2_base": VariantSpec((3, 3, 27, 3), (128, 256, 512, 1024)),
-    "convnextv2_large": VariantSpec((3, 3, 27, 3), (192, 384, 768, 1536)),
-    "convnextv2_huge": VariantSpec((3, 3, 27, 3), (352, 704, 1408, 2816)),
-}
-
-
-def list_models() -> list[str]:
-    """Names of all registered variants."""
-    return list(_VARIANTS)
-
-
-def get_variant(name: str) -> VariantSpec:
-    """Look up a variant by name (``convnextv2_atto`` or just ``atto``); unknown names list the known ones."""
-    key = name if name.startswith("convnextv2_") else f"convnextv2_{name}"
-    if key not in _VARIANTS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_VARIANTS)}")
-    return _VARIANTS[key]
-
-
-def canonical_name(name: str) -> str:
-    """``atto`` -> ``convnextv2_atto``; validates the name."""
-    get_variant(name)
-    return name if name.startswith("convnextv2_") else f"convnextv2_{name}"
 
 
 def check_image_size(height: int, width: int, stride: int = STRIDE) -> None:
@@ -263,8 +223,15 @@ class Block(nn.Module):
         y = depthwise_conv(x, dw.weight).permute(0, 2, 3, 1)
         return y + dw.bias.to(y.dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: ``(N, C, H, W)``, preferably channels_last -> same shape."""
+    def forward(self, x: Tensor, sparse_dwconv: Callable[[Tensor, nn.Conv2d], Tensor] | None = None) -> Tensor:
+        """Dense: x ``(N, C, H, W)``, preferably channels_last -> same shape.
+
+        Sparse: x tokens ``(N, T, C)`` and ``sparse_dwconv(tokens, self.dwconv) -> (N, T, C)`` the submanifold
+        depthwise conv (``fcmae.models.sparse``); everything after it runs on the tokens. Both paths go through
+        this ``forward``, so module hooks (FSDP's per-block wrapping among them) see every block call.
+        """
+        if sparse_dwconv is not None:
+            return x + self.drop_path(self.mlp(sparse_dwconv(x, self.dwconv)))
         y = self.mlp(self._dwconv(x))  # (N, H, W, C)
         return x + self.drop_path(y.permute(0, 3, 1, 2))
 
@@ -290,16 +257,12 @@ def _downsample(in_dim: int, out_dim: int) -> nn.Sequential:
 
 
 class ConvNeXtV2Trunk(nn.Module):
-    """The encoder's modules (stem, downsample layers, stages) without a forward; shared by dense and sparse."""
+    """The encoder's modules (stem, downsample layers, stages) without a forward: the one constructor of the
+    architecture. The dense classifier extends it; the sparse encoders adopt a built trunk's modules
+    (``SparseConvNeXtV2(trunk)``), so their parameters are these, by construction."""
 
-    def __init__(
-        self,
-        in_chans: int = 3,
-        depths: tuple[int, ...] = (3, 3, 9, 3),
-        dims: tuple[int, ...] = (96, 192, 384, 768),
-        drop_path_rate: float = 0.0,
-        use_grn: bool = True,
-    ) -> None:
+    def __init__(self, *, depths: Sequence[int], dims: Sequence[int], in_chans: int = 3, drop_path_rate: float = 0.0,
+                 use_grn: bool = True) -> None:
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"depths and dims need 4 stages, got depths={depths} dims={dims}")
@@ -307,6 +270,8 @@ class ConvNeXtV2Trunk(nn.Module):
         self.depths = tuple(depths)
         self.dims = tuple(dims)
         self.use_grn = use_grn
+        # "single" (one layer per block) or "group" (the official rule of base/large/huge): see group_matcher
+        self.layer_decay_type = "single"
         self.downsample_layers = nn.ModuleList([_stem(in_chans, dims[0])])
         for i in range(3):
             self.downsample_layers.append(_downsample(dims[i], dims[i + 1]))
@@ -320,6 +285,8 @@ class ConvNeXtV2Trunk(nn.Module):
             self.stages.append(nn.Sequential(*blocks))
             cur += depths[i]
         self.num_features = dims[-1]
+        # timm's feature_info: what detection/segmentation necks take from a backbone, one entry per stage
+        self.feature_info = [{"num_chs": dims[i], "reduction": 4 << i, "module": f"stages.{i}"} for i in range(4)]
 
     def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
         """Layer ordinals of parameter names for layer-wise lr decay (timm's ``group_matcher`` interface: timm ranks
@@ -330,7 +297,11 @@ class ConvNeXtV2Trunk(nn.Module):
         coarse (the official ``group`` rule of base/large/huge, for any depths): stem; stage 0; stage 1 with its
         downsample; stage 2 in groups of three consecutive blocks, its downsample with the first; stage 3 with its
         downsample; final norm + head. For depths (3, 3, 27, 3) these are the official ids 0 .. 13.
+        ``layer_decay_type = "group"`` makes the coarse rule the default, so timm's ``param_groups_layer_decay``
+        (which asks for ``coarse=False``) takes the model as it is.
         """
+
+        coarse = coarse or self.layer_decay_type == "group"
 
         def ordinal(name: str) -> tuple[float, ...]:
             if m := _DOWNSAMPLE_RE.match(name):
@@ -367,34 +338,46 @@ class ConvNeXtV2(ConvNeXtV2Trunk):
     ``forward_features``: ``(N, in_chans, H, W)`` -> ``(N, C, H/32, W/32)``;
     ``forward_head``: that map -> ``(N, num_classes)`` logits (global average pool, LayerNorm, Linear);
     with ``num_classes=0`` the head is the identity and ``forward`` returns the normalised pooled features.
+    ``trunk``: the architecture's keywords (``ConvNeXtV2Trunk``: in_chans, depths, dims, drop_path_rate, use_grn).
     """
 
-    def __init__(
-        self,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        depths: tuple[int, ...] = (3, 3, 9, 3),
-        dims: tuple[int, ...] = (96, 192, 384, 768),
-        drop_path_rate: float = 0.0,
-        head_init_scale: float = 1.0,
-        use_grn: bool = True,
-    ) -> None:
-        super().__init__(in_chans, depths, dims, drop_path_rate, use_grn)
+    def __init__(self, *, num_classes: int = 1000, head_init_scale: float = 1.0, **trunk: Any) -> None:
+        super().__init__(**trunk)
         self.num_classes = num_classes
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head: nn.Module = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
+        self.head: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
                 self.head.bias.mul_(head_init_scale)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """``(N, in_chans, H, W)`` -> ``(N, C_last, H/32, W/32)`` (channels_last memory format)."""
+    def _check_input(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected input of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}")
         check_image_size(x.shape[2], x.shape[3])
-        x = x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None,
+                              intermediates_only: bool = False) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's backbone interface: the output maps of the chosen stages (``indices``: stage numbers, or an int n
+        for the last n; default all four), stage ``i`` ``(N, dims[i], H / 4 / 2**i, W / 4 / 2**i)``.
+
+        Returns the list, or ``(final features, list)`` unless ``intermediates_only`` (the final norm and head are
+        not applied: use ``forward_head`` on the final features)."""
+        take = list(range(4 - indices, 4)) if isinstance(indices, int) else list(indices or range(4))
+        if any(not 0 <= i < 4 for i in take):
+            raise ValueError(f"stage indices must be in 0..3, got {take}")
+        x, out = self._check_input(x), []
+        for i in range(4):
+            x = self.stages[i](self.downsample_layers[i](x))
+            if i in take:
+                out.append(x)
+        return out if intermediates_only else (x, out)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``(N, in_chans, H, W)`` -> ``(N, C_last, H/32, W/32)`` (channels_last memory format)."""
+        x = self._check_input(x)
         for i in range(4):
             x = self.downsample_layers[i](x)
             x = self.stages[i](x)
@@ -421,25 +404,23 @@ class ConvNeXtV2(ConvNeXtV2Trunk):
             self.head = nn.Identity()
 
 
-def create_model(
-    name: str,
-    num_classes: int = 1000,
-    in_chans: int = 3,
-    drop_path_rate: float = 0.0,
-    head_init_scale: float = 1.0,
-    pretrained: str | os.PathLike[str] | None = None,
-    use_grn: bool = True,
-) -> ConvNeXtV2:
-    """Build a dense ConvNeXt V2 variant by name (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``).
 
-    ``pretrained``: weights in any layout ``fcmae convert`` reads (our exports, the official releases and trainer
-    checkpoints, timm), loaded by :func:`fcmae.weights.load_weights`; a missing or mis-shaped head is re-initialised.
-    ``use_grn=False``: blocks without GRN (no GRN parameters).
-    """
-    spec = get_variant(name)
-    model = ConvNeXtV2(in_chans, num_classes, spec.depths, spec.dims, drop_path_rate, head_init_scale, use_grn)
-    if pretrained:
-        from fcmae.weights import load_weights
 
-        load_weights(model, pretrained)
-    return model
+def build_convnextv2(name: str, *, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
+                     head_init_scale: float = 1.0, use_grn: bool = True) -> ConvNeXtV2:
+    """A dense ConvNeXt V2 variant from the registry, freshly initialised (``fcmae.create_model`` adds
+    ``pretrained=``). ``use_grn=False``: blocks without GRN (no GRN parameters)."""
+    v = get_variant(name)
+    return ConvNeXtV2(num_classes=num_classes, head_init_scale=head_init_scale, in_chans=in_chans, depths=v.depths,
+                      dims=v.dims, drop_path_rate=drop_path_rate, use_grn=use_grn)
+
+
+def build_trunk(name: str, *, in_chans: int = 3, drop_path_rate: float = 0.0, use_grn: bool = True
+                ) -> ConvNeXtV2Trunk:
+    """The encoder modules of a registered variant, initialised (no final norm, no head): what the sparse encoders
+    and the masked-dense reference are made from."""
+    v = get_variant(name)
+    trunk = ConvNeXtV2Trunk(in_chans=in_chans, depths=v.depths, dims=v.dims, drop_path_rate=drop_path_rate,
+                            use_grn=use_grn)
+    trunk.init_weights()
+    return trunk

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from fcmae.masking import check_mask_ratio, kept_indices, num_kept, random_masking
-from fcmae.models.convnextv2 import STRIDE, Block, canonical_name, check_image_size, gather_rows, get_variant
+from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2Trunk, build_trunk, check_image_size, gather_rows
+from fcmae.models.masking import MASK_RATIO, kept_indices, num_kept, random_masking
+from fcmae.models.registry import canonical_name
 from fcmae.models.sparse import SparseConvNeXtV2, tokens_to_grid
 
 
@@ -68,63 +69,42 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 ENCODER_BACKENDS = ("torch", "minkowski")
 
 
-def _sparse_encoder(backend: str, in_chans: int, depths: tuple[int, ...], dims: tuple[int, ...],
-                    drop_path_rate: float, use_grn: bool = True) -> nn.Module:
-    """``"torch"``: our pure-PyTorch sparse encoder (default); ``"minkowski"``: the MinkowskiEngine formulation
-    (optional, ``scripts/install_minkowski.sh``). Same parameters, same ``forward(imgs, keep)``."""
+def sparse_encoder(trunk: ConvNeXtV2Trunk, backend: str = "torch") -> nn.Module:
+    """The sparse encoder made from a dense trunk. ``"torch"``: our pure-PyTorch one (default); ``"minkowski"``: the
+    MinkowskiEngine formulation (optional, ``scripts/install_minkowski.sh``). Same parameters, same
+    ``forward(imgs, keep)``."""
     if backend == "torch":
-        return SparseConvNeXtV2(in_chans, depths, dims, drop_path_rate, use_grn)
+        return SparseConvNeXtV2(trunk)
     if backend == "minkowski":
         from fcmae.models.minkowski import MinkowskiConvNeXtV2
 
-        if not use_grn:
-            raise ValueError("use_grn=False (model.use_grn=false) is not available with the minkowski backend")
-
-        return MinkowskiConvNeXtV2(in_chans, depths, dims, drop_path_rate)
+        return MinkowskiConvNeXtV2(trunk)
     raise ValueError(f"unknown encoder backend {backend!r}; choose one of {', '.join(ENCODER_BACKENDS)}")
 
 
 class FCMAE(nn.Module):
-    """Fully convolutional masked autoencoder around a sparse ConvNeXt V2 encoder.
+    """Fully convolutional masked autoencoder around a sparse ConvNeXt V2 encoder (``sparse_encoder``).
 
     The decoder runs on the final ``h x w = H/32 x W/32`` grid. The projection runs only at visible cells
     (removed cells get the mask token anyway); the last decoder block's final Linear and the pixel head only at
-    removed cells (the loss ignores the rest) unless ``predict_all=True``. ``backend`` picks the sparse encoder's
-    implementation (``ENCODER_BACKENDS``).
+    removed cells (the loss ignores the rest) unless ``predict_all=True``. The mask ratio is not a property of the
+    model: ``forward`` takes it (or a mask), as MAE's does.
     """
 
-    def __init__(
-        self,
-        in_chans: int = 3,
-        depths: tuple[int, ...] = (3, 3, 9, 3),
-        dims: tuple[int, ...] = (96, 192, 384, 768),
-        mask_ratio: float = 0.6,
-        decoder_depth: int = 1,
-        decoder_embed_dim: int = 512,
-        norm_pix_loss: bool = True,
-        drop_path_rate: float = 0.0,
-        patch_size: int = STRIDE,
-        model_name: str | None = None,
-        backend: str = "torch",
-        use_grn: bool = True,
-    ) -> None:
+    def __init__(self, encoder: nn.Module, *, decoder_depth: int = 1, decoder_embed_dim: int = 512,
+                 norm_pix_loss: bool = True, model_name: str | None = None) -> None:
         super().__init__()
-        check_mask_ratio(mask_ratio)
-        if patch_size != STRIDE:
-            raise ValueError(f"patch_size must equal the encoder's total stride {STRIDE}, got {patch_size}")
         if decoder_depth < 0 or decoder_embed_dim <= 0:
             raise ValueError(f"bad decoder: depth {decoder_depth}, embed dim {decoder_embed_dim}")
         self.model_name = model_name
-        self.in_chans = in_chans
-        self.mask_ratio = mask_ratio
+        self.in_chans = encoder.in_chans
         self.norm_pix_loss = norm_pix_loss
-        self.patch_size = patch_size
-        self.backend = backend
-        self.encoder = _sparse_encoder(backend, in_chans, depths, dims, drop_path_rate, use_grn)
-        self.proj = nn.Linear(dims[-1], decoder_embed_dim)
+        self.patch_size = STRIDE
+        self.encoder = encoder
+        self.proj = nn.Linear(encoder.num_features, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
-        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, use_grn=use_grn) for _ in range(decoder_depth)])
-        self.pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
+        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, use_grn=encoder.use_grn) for _ in range(decoder_depth)])
+        self.pred = nn.Linear(decoder_embed_dim, STRIDE * STRIDE * self.in_chans)
         self._init_decoder()
 
     def _init_decoder(self) -> None:
@@ -142,11 +122,12 @@ class FCMAE(nn.Module):
         check_image_size(imgs.shape[2], imgs.shape[3], self.patch_size)
         return imgs.shape[2] // self.patch_size, imgs.shape[3] // self.patch_size
 
-    def _mask(self, imgs: Tensor, mask: Tensor | None, generator: torch.Generator | None) -> Tensor:
+    def _mask(self, imgs: Tensor, mask: Tensor | None, mask_ratio: float, generator: torch.Generator | None
+              ) -> Tensor:
         h, w = self.grid_size(imgs)
         n = imgs.shape[0]
         if mask is None:
-            return random_masking(n, (h, w), self.mask_ratio, generator=generator, device=imgs.device)
+            return random_masking(n, (h, w), mask_ratio, generator=generator, device=imgs.device)
         if mask.shape == (n, h, w):
             mask = mask.reshape(n, h * w)
         if tuple(mask.shape) != (n, h * w):
@@ -165,10 +146,11 @@ class FCMAE(nn.Module):
         keep = kept_indices(mask, num_keep)
         return self.encoder(imgs, keep), keep
 
-    def forward_encoder(self, imgs: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
-                        ) -> Tensor:
-        """Final-stage features as a dense ``(N, C, H/32, W/32)`` map with zeros at removed cells."""
-        mask = self._mask(imgs, mask, generator)
+    def forward_encoder(self, imgs: Tensor, mask: Tensor | None = None, *, mask_ratio: float = MASK_RATIO,
+                        generator: torch.Generator | None = None) -> Tensor:
+        """Final-stage features as a dense ``(N, C, H/32, W/32)`` map with zeros at removed cells (``mask``
+        ``(N, L)`` True = removed, or a random one removing ``mask_ratio`` of the cells)."""
+        mask = self._mask(imgs, mask, mask_ratio, generator)
         h, w = self.grid_size(imgs)
         tokens, keep = self.encode_tokens(imgs, mask)
         grid = tokens_to_grid(tokens, keep, h, w)
@@ -199,20 +181,24 @@ class FCMAE(nn.Module):
         self,
         imgs: Tensor,
         mask: Tensor | None = None,
+        *,
+        mask_ratio: float = MASK_RATIO,
         generator: torch.Generator | None = None,
         predict_all: bool = False,
         num_keep: int | None = None,
     ) -> dict[str, Tensor]:
         """imgs ``(N, C, H, W)`` -> ``{"loss": (), "pred": (N, L, p*p*C), "mask": (N, L) bool}``.
 
+        ``mask`` ``(N, L)`` (True = removed), or None for a random one removing ``mask_ratio`` of the cells
+        (drawn from ``generator``).
         ``pred`` is computed at removed cells; at visible cells it is zero unless ``predict_all`` is set.
         ``num_keep``: visible cells per image when known (training: ``num_kept(L, mask_ratio)``), so the step
         never waits for the mask to reach the host; None reads it from a given mask.
         """
         h, w = self.grid_size(imgs)
         if mask is None:
-            num_keep = num_kept(h * w, self.mask_ratio)
-        mask = self._mask(imgs, mask, generator)
+            num_keep = num_kept(h * w, mask_ratio)
+        mask = self._mask(imgs, mask, mask_ratio, generator)
         n, num = mask.shape
         tokens, keep = self.encode_tokens(imgs, mask, num_keep)
         if predict_all:
@@ -233,24 +219,14 @@ class FCMAE(nn.Module):
         return {"loss": loss, "pred": pred, "mask": mask}
 
 
-def create_fcmae(
-    name: str,
-    in_chans: int = 3,
-    mask_ratio: float = 0.6,
-    decoder_depth: int = 1,
-    decoder_embed_dim: int = 512,
-    norm_pix_loss: bool = True,
-    drop_path_rate: float = 0.0,
-    backend: str = "torch",
-    use_grn: bool = True,
-) -> FCMAE:
+def create_fcmae(name: str, *, in_chans: int = 3, decoder_depth: int = 1, decoder_embed_dim: int = 512,
+                 norm_pix_loss: bool = True, drop_path_rate: float = 0.0, backend: str = "torch", use_grn: bool = True
+                 ) -> FCMAE:
     """FCMAE around the named ConvNeXt V2 variant (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``).
 
     ``backend``: ``"torch"`` (default) or ``"minkowski"`` (needs MinkowskiEngine: ``scripts/install_minkowski.sh``).
     ``use_grn=False``: encoder and decoder blocks without GRN (the paper's ablation).
     """
-    spec = get_variant(name)
-    return FCMAE(
-        in_chans, spec.depths, spec.dims, mask_ratio, decoder_depth, decoder_embed_dim, norm_pix_loss,
-        drop_path_rate, model_name=canonical_name(name), backend=backend, use_grn=use_grn,
-    )
+    trunk = build_trunk(name, in_chans=in_chans, drop_path_rate=drop_path_rate, use_grn=use_grn)
+    return FCMAE(sparse_encoder(trunk, backend), decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,
+                 norm_pix_loss=norm_pix_loss, model_name=canonical_name(name))

@@ -261,8 +261,9 @@ class _OfficialLayout(nn.Module):
 
 # --- the encoder --------------------------------------------------------------------------------------------------
 
-class MinkowskiConvNeXtV2(ConvNeXtV2Trunk):
-    """ConvNeXt V2 encoder computed with MinkowskiEngine sparse layers; drop-in for ``SparseConvNeXtV2``.
+class MinkowskiConvNeXtV2(nn.Module):
+    """ConvNeXt V2 encoder computed with MinkowskiEngine sparse layers; drop-in for ``SparseConvNeXtV2``, made the
+    same way: from a dense trunk whose modules it adopts.
 
     ``forward(imgs, keep)``: imgs ``(N, in_chans, H, W)`` with ``H, W`` multiples of 32, keep ``(N, K)`` visible
     cell indices on the ``H/32 x W/32`` grid (ascending) -> ``(N, K, C_last)`` final-stage features in the order of
@@ -270,17 +271,16 @@ class MinkowskiConvNeXtV2(ConvNeXtV2Trunk):
     are in ``self.official`` (not registered, so ``state_dict`` holds only the trunk's parameters).
     """
 
-    def __init__(
-        self,
-        in_chans: int = 3,
-        depths: tuple[int, ...] = (3, 3, 9, 3),
-        dims: tuple[int, ...] = (96, 192, 384, 768),
-        drop_path_rate: float = 0.0,
-    ) -> None:
+    def __init__(self, trunk: ConvNeXtV2Trunk) -> None:
         me = import_minkowski()
-        super().__init__(in_chans, depths, dims, drop_path_rate)
-        self.init_weights()
-        object.__setattr__(self, "official", _OfficialLayout(self, me))
+        if not trunk.use_grn:
+            raise ValueError("use_grn=False (model.use_grn=false) is not available with the minkowski backend")
+        super().__init__()
+        self.in_chans, self.depths, self.dims = trunk.in_chans, trunk.depths, trunk.dims
+        self.use_grn, self.num_features = trunk.use_grn, trunk.num_features
+        self.downsample_layers = trunk.downsample_layers
+        self.stages = trunk.stages
+        object.__setattr__(self, "official", _OfficialLayout(trunk, me))
 
     def _to_sparse(self, imgs: Tensor, keep: Tensor) -> SparseTensor:
         """Dense stem on the whole image; its ``(N, C0, H/4, W/4)`` output at the visible positions becomes a sparse

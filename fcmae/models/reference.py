@@ -10,12 +10,14 @@ names as ``FCMAE``, so ``ReferenceFCMAE.load_state_dict(fcmae.state_dict())`` wo
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcmae.masking import random_masking
-from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2Trunk, get_variant
+from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2Trunk, build_trunk
+from fcmae.models.masking import MASK_RATIO, random_masking
 
 
 def _ln_last(x: Tensor, ln: nn.LayerNorm) -> Tensor:
@@ -80,33 +82,30 @@ def masked_dense_encoder(trunk: ConvNeXtV2Trunk, imgs: Tensor, mask: Tensor) -> 
 
 
 class ReferenceFCMAE(nn.Module):
-    """Masked-dense FCMAE with ``FCMAE``'s parameter names; forward returns the same dict."""
+    """Masked-dense FCMAE with ``FCMAE``'s parameter names; forward returns the same dict. ``trunk``: the dense
+    encoder (``ConvNeXtV2Trunk``), run densely with the mask applied around every depthwise conv."""
 
-    def __init__(self, in_chans: int = 3, depths: tuple[int, ...] = (3, 3, 9, 3),
-                 dims: tuple[int, ...] = (96, 192, 384, 768), mask_ratio: float = 0.6, decoder_depth: int = 1,
-                 decoder_embed_dim: int = 512, norm_pix_loss: bool = True, drop_path_rate: float = 0.0,
-                 use_grn: bool = True) -> None:
+    def __init__(self, trunk: ConvNeXtV2Trunk, *, decoder_depth: int = 1, decoder_embed_dim: int = 512,
+                 norm_pix_loss: bool = True) -> None:
         super().__init__()
-        self.in_chans = in_chans
-        self.mask_ratio = mask_ratio
+        self.in_chans = trunk.in_chans
         self.norm_pix_loss = norm_pix_loss
-        self.encoder = ConvNeXtV2Trunk(in_chans, depths, dims, drop_path_rate, use_grn)
-        self.encoder.init_weights()
-        self.proj = nn.Linear(dims[-1], decoder_embed_dim)
+        self.encoder = trunk
+        self.proj = nn.Linear(trunk.num_features, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
-        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, use_grn=use_grn) for _ in range(decoder_depth)])
-        self.pred = nn.Linear(decoder_embed_dim, STRIDE * STRIDE * in_chans)
+        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, use_grn=trunk.use_grn) for _ in range(decoder_depth)])
+        self.pred = nn.Linear(decoder_embed_dim, STRIDE * STRIDE * trunk.in_chans)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
         return masked_dense_encoder(self.encoder, imgs, mask)
 
-    def forward(self, imgs: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
-                ) -> dict[str, Tensor]:
+    def forward(self, imgs: Tensor, mask: Tensor | None = None, *, mask_ratio: float = MASK_RATIO,
+                generator: torch.Generator | None = None) -> dict[str, Tensor]:
         n, c, height, width = imgs.shape
         h, w = height // STRIDE, width // STRIDE
         if mask is None:
-            mask = random_masking(n, (h, w), self.mask_ratio, generator=generator, device=imgs.device)
+            mask = random_masking(n, (h, w), mask_ratio, generator=generator, device=imgs.device)
         feats = self.forward_encoder(imgs, mask).permute(0, 2, 3, 1)  # (N, h, w, C)
         x = F.linear(feats, self.proj.weight, self.proj.bias)
         m = mask.reshape(n, h, w, 1).to(x.dtype)
@@ -129,6 +128,8 @@ class ReferenceFCMAE(nn.Module):
         return {"loss": loss, "pred": pred, "mask": mask}
 
 
-def create_reference_fcmae(name: str, in_chans: int = 3, **kwargs) -> ReferenceFCMAE:
-    spec = get_variant(name)
-    return ReferenceFCMAE(in_chans, spec.depths, spec.dims, **kwargs)
+def create_reference_fcmae(name: str, *, in_chans: int = 3, drop_path_rate: float = 0.0, use_grn: bool = True,
+                           **decoder: Any) -> ReferenceFCMAE:
+    """The masked-dense reference of ``create_fcmae(name, ...)``; ``decoder``: ``ReferenceFCMAE``'s keywords."""
+    trunk = build_trunk(name, in_chans=in_chans, drop_path_rate=drop_path_rate, use_grn=use_grn)
+    return ReferenceFCMAE(trunk, **decoder)

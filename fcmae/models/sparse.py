@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2Trunk, check_image_size, gather_rows
+from fcmae.models.convnextv2 import STRIDE, ConvNeXtV2Trunk, check_image_size, gather_rows
 from fcmae.models.dwconv import compute_dtype, depthwise_input_grad, depthwise_weight_grad
 
 
@@ -136,28 +136,36 @@ def sparse_dwconv(x: Tensor, conv: nn.Conv2d, ctx: SparseContext, r: int) -> Ten
     return _SparseDWConv.apply(x, conv.weight, conv.bias, ctx.index(r), shape)
 
 
+class _StageConv:
+    """The submanifold depthwise conv of one stage, handed to ``Block.forward(tokens, sparse_dwconv=...)``."""
+
+    def __init__(self, ctx: SparseContext, r: int) -> None:
+        self.ctx, self.r = ctx, r
+
+    def __call__(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
+        return sparse_dwconv(x, conv, self.ctx, self.r)
+
+
 def _layer_norm(x: Tensor, ln: nn.LayerNorm) -> Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
-class SparseConvNeXtV2(ConvNeXtV2Trunk):
-    """ConvNeXt V2 encoder that runs on visible cells only.
+class SparseConvNeXtV2(nn.Module):
+    """ConvNeXt V2 encoder that runs on visible cells only, made from a dense trunk (SparK's
+    ``dense_model_to_sparse`` shape): it adopts the trunk's stem, downsample layers and stages, so its parameters
+    are the dense model's, names and shapes, and nothing here restates the architecture.
 
     ``forward(imgs, keep)``: imgs ``(N, in_chans, H, W)`` with ``H, W`` multiples of 32, keep ``(N, K)`` visible
-    cell indices on the ``H/32 x W/32`` grid (ascending, see ``fcmae.masking.kept_indices``) ->
+    cell indices on the ``H/32 x W/32`` grid (ascending, see ``fcmae.models.masking.kept_indices``) ->
     ``(N, K, C_last)`` final-stage features, one token per visible cell, in the order of ``keep``.
     """
 
-    def __init__(
-        self,
-        in_chans: int = 3,
-        depths: tuple[int, ...] = (3, 3, 9, 3),
-        dims: tuple[int, ...] = (96, 192, 384, 768),
-        drop_path_rate: float = 0.0,
-        use_grn: bool = True,
-    ) -> None:
-        super().__init__(in_chans, depths, dims, drop_path_rate, use_grn)
-        self.init_weights()
+    def __init__(self, trunk: ConvNeXtV2Trunk) -> None:
+        super().__init__()
+        self.in_chans, self.depths, self.dims = trunk.in_chans, trunk.depths, trunk.dims
+        self.use_grn, self.num_features = trunk.use_grn, trunk.num_features
+        self.downsample_layers = trunk.downsample_layers
+        self.stages = trunk.stages
 
     def _stem(self, imgs: Tensor, keep: Tensor) -> Tensor:
         """Visible 32x32 patches -> ``(N, K*64, C0)`` tokens (before the stem LayerNorm)."""
@@ -181,12 +189,6 @@ class SparseConvNeXtV2(ConvNeXtV2Trunk):
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 4 * c)  # (C_out, (dy, dx, c))
         return F.linear(x.reshape(n, t // 4, 4 * c), weight, conv.bias)
 
-    @staticmethod
-    def _block(x: Tensor, blk: Block, ctx: SparseContext, r: int) -> Tensor:
-        y = sparse_dwconv(x, blk.dwconv, ctx, r)
-        y = blk.mlp(y)
-        return x + blk.drop_path(y)
-
     def forward(self, imgs: Tensor, keep: Tensor) -> Tensor:
         if imgs.ndim != 4 or imgs.shape[1] != self.in_chans:
             raise ValueError(f"expected images of shape (N, {self.in_chans}, H, W), got {tuple(imgs.shape)}")
@@ -201,8 +203,9 @@ class SparseConvNeXtV2(ConvNeXtV2Trunk):
             r = 8 >> i
             if i > 0:
                 x = self._downsample(x, self.downsample_layers[i])
+            conv = _StageConv(ctx, r)
             for blk in self.stages[i]:
-                x = self._block(x, blk, ctx, r)
+                x = blk(x, sparse_dwconv=conv)
         return x
 
 

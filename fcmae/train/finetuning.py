@@ -1,6 +1,6 @@
 """The fine-tuning recipe: supervised training of a dense ConvNeXt V2, the official ConvNeXt V2 recipe.
 
-What differs from any other run (the loop itself is :class:`fcmae.trainer.Trainer`'s): a dense classifier
+What differs from any other run (the loop itself is :class:`fcmae.train.trainer.Trainer`'s): a dense classifier
 initialised from any checkpoint (:func:`fcmae.weights.load_weights`); labelled data with a label budget; layer-wise
 lr decay from the model's ``group_matcher`` (timm's ``param_groups_layer_decay``); Mixup/CutMix with label smoothing,
 EMA (timm's ``Mixup``, ``SoftTargetCrossEntropy``, ``LabelSmoothingCrossEntropy``, ``ModelEmaV3``); evaluation of the
@@ -22,7 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from fcmae.config import EmaConfig, FinetuneConfig, MixupConfig, to_dict
-from fcmae.trainer import Callback, Recipe, Trainer, param_groups
+from fcmae.data.sampling import Sample
+from fcmae.train.recipe import RecipeBase, RecipeParts, StepHook, TrainContext
+from fcmae.train.trainer import Trainer, param_groups
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -43,8 +45,8 @@ def enable_linear_probe(model: nn.Module) -> None:
 def export_classifier(model: nn.Module, path: Path, metadata: Mapping[str, Any]) -> Path:
     """Write the classifier's dense weights (a linear-probe head folded into one Linear) + string metadata as
     safetensors (atomically)."""
-    from fcmae.io import save_state_dict
-    from fcmae.weights import fold_probe_head
+    from fcmae.weights.files import save_state_dict
+    from fcmae.weights.loader import fold_probe_head
 
     sd = fold_probe_head({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return save_state_dict(path, sd, {k: str(v) for k, v in metadata.items()})
@@ -106,7 +108,7 @@ class BestResult:
 
 
 # ------------------------------------------------------------------------------------------- the recipe
-class FinetuneRecipe(Recipe):
+class FinetuneRecipe(RecipeBase):
     name = "finetune"
 
     def __init__(self, cfg: FinetuneConfig) -> None:
@@ -116,32 +118,32 @@ class FinetuneRecipe(Recipe):
         self.init_info: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] = {}
 
-    def setup(self, trainer: Trainer) -> None:
+    def setup(self) -> RecipeParts:
         from fcmae.data import build_finetune_data
-        from fcmae.models.convnextv2 import create_model
-        from fcmae.weights import load_weights
+        from fcmae.models.convnextv2 import build_convnextv2
+        from fcmae.weights.loader import load_weights
 
         cfg, m, o = self.cfg, self.cfg.model, self.cfg.optim
         self.data = build_finetune_data(cfg.data, m.in_chans, cfg.run.seed)
         self.num_classes = m.num_classes or len(self.data.classes)
         if self.num_classes < len(self.data.classes):
             raise ValueError(f"model.num_classes={self.num_classes} but the data has {len(self.data.classes)} classes")
-        self.train_set = self.data.train
-        self.model = create_model(m.name, self.num_classes, m.in_chans, m.drop_path_rate, m.head_init_scale,
-                                  use_grn=m.use_grn)
-        self.init_info = load_weights(self.model, m.init, m.init_ema) if m.init else None
+        model = build_convnextv2(m.name, num_classes=self.num_classes, in_chans=m.in_chans,
+                                 drop_path_rate=m.drop_path_rate, head_init_scale=m.head_init_scale, use_grn=m.use_grn)
+        self.init_info = load_weights(model, m.init, m.init_ema) if m.init else None
         if cfg.run.linear_probe:
-            enable_linear_probe(self.model)
-        self.param_groups = param_groups(self.model, o.weight_decay, o.layer_decay, o.layer_decay_type == "group")
+            enable_linear_probe(model)
+        model.layer_decay_type = o.layer_decay_type  # the rule timm's layer decay reads off group_matcher
         self.mixup_fn, self.criterion = build_mixup_and_loss(cfg.mixup, self.num_classes)
+        return RecipeParts(model, self.data.train, param_groups(model, o.weight_decay, o.layer_decay))
 
-    def after_prepare(self, trainer: Trainer) -> None:
+    def after_prepare(self, ctx: TrainContext) -> None:
         run = self.cfg.run
         val_loader = torch.utils.data.DataLoader(
             self.data.val, batch_size=run.eval_batch_size or 2 * run.batch_size, shuffle=False,
             num_workers=self.cfg.data.num_workers, drop_last=False, pin_memory=torch.cuda.is_available())
-        self.val_loader = trainer.accelerator.prepare(val_loader)
-        self.ema = build_ema(trainer.unwrapped, self.cfg.ema)  # after prepare: on the training device
+        self.val_loader = ctx.accelerator.prepare(val_loader)
+        self.ema = build_ema(ctx.unwrapped, self.cfg.ema)  # after prepare: on the training device
 
     def stateful(self) -> list[Any]:
         return [self.best] + ([self.ema] if self.ema is not None else [])
@@ -154,38 +156,38 @@ class FinetuneRecipe(Recipe):
                 if name != "head":
                     child.eval()
 
-    def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-        """batch: ``(images (B, C, H, W), labels (B,) int64, n_skipped (B,))``; Mixup/CutMix makes soft targets."""
-        images, targets = batch[0], batch[1]
+    def loss(self, model: nn.Module, batch: Sample) -> Tensor:
+        """batch: images ``(B, C, H, W)``, target = labels ``(B,)`` int64; Mixup/CutMix makes soft targets."""
+        images, targets = batch.image, batch.target
         if self.mixup_fn is not None:
             images, targets = self.mixup_fn(images, targets)  # targets: (B, num_classes) soft
         return self.criterion(model(images), targets)
 
-    def after_step(self, trainer: Trainer) -> None:
+    def after_step(self, ctx: TrainContext) -> None:
         if self.ema is not None:
-            self.ema.update(trainer.unwrapped, step=trainer.state.step)
+            self.ema.update(ctx.unwrapped, step=ctx.state.step)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
-        st, every = trainer.state, self.cfg.run.eval_every_epochs
-        if st.epoch % every == 0 or st.step >= trainer.schedule.last_step:
-            self.evaluate(trainer, epoch)
+    def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
+        st, every = ctx.state, self.cfg.run.eval_every_epochs
+        if st.epoch % every == 0 or st.step >= ctx.schedule.last_step:
+            self.evaluate(ctx, epoch)
 
-    def _metadata(self, trainer: Trainer) -> dict[str, Any]:
+    def _metadata(self, ctx: TrainContext) -> dict[str, Any]:
         m, d = self.cfg.model, self.cfg.data
         return {"format": "fcmae-classifier", "layout": "dense", "variant": m.name, "in_chans": m.in_chans,
                 "num_classes": self.num_classes, "image_size": d.input_size, "crop_pct": d.crop_pct,
                 "classes": json.dumps(self.data.classes), "config": json.dumps(to_dict(self.cfg)),
-                "epoch": trainer.state.epoch, "step": trainer.state.step}
+                "epoch": ctx.state.epoch, "step": ctx.state.step}
 
-    def evaluate(self, trainer: Trainer, epoch: int) -> None:
+    def evaluate(self, ctx: TrainContext, epoch: int) -> None:
         """Evaluate the model (and its EMA), log it, keep the best as ``best.safetensors``."""
-        from fcmae.evaluation import evaluate
+        from fcmae.evaluation.accuracy import evaluate
 
-        acc, st, progress = trainer.accelerator, trainer.state, self.cfg.run.progress
-        res = evaluate(trainer.model, self.val_loader, acc, f"eval {epoch}", progress)
+        acc, st, progress = ctx.accelerator, ctx.state, self.cfg.run.progress
+        res = evaluate(ctx.model, self.val_loader, acc, f"eval {epoch}", progress)
         rec: dict[str, Any] = {"step": st.step, "epoch": epoch, "val_top1": res["top1"], "val_top5": res["top5"],
                                "val_loss": res["loss"]}
-        cands = [("model", res, trainer.unwrapped)]
+        cands = [("model", res, ctx.unwrapped)]
         if self.ema is not None:
             res_e = evaluate(self.ema.module, self.val_loader, acc, f"eval ema {epoch}", progress)
             rec.update(ema_top1=res_e["top1"], ema_top5=res_e["top5"], ema_loss=res_e["loss"])
@@ -195,26 +197,26 @@ class FinetuneRecipe(Recipe):
         if best_res["top1"] > b.top1:
             b.top1, b.top5, b.epoch, b.source = best_res["top1"], best_res["top5"], epoch, source
             if acc.is_main_process:
-                export_classifier(best_model, trainer.out_dir / "best.safetensors",
-                                  {**self._metadata(trainer), "weights": source, "epoch": epoch,
+                export_classifier(best_model, ctx.out_dir / "best.safetensors",
+                                  {**self._metadata(ctx), "weights": source, "epoch": epoch,
                                    "top1": f"{b.top1:.4f}", "top5": f"{b.top5:.4f}"})
         b.evaluated_at = st.step
         rec.update(best_top1=b.top1, best_source=b.source)
-        trainer.logger.log(rec)
+        ctx.log(rec)
         ema_txt = f"; EMA top-1 {rec['ema_top1']:.2f} top-5 {rec['ema_top5']:.2f}" if self.ema is not None else ""
-        trainer.say(f"eval after epoch {epoch} (step {st.step}): top-1 {res['top1']:.2f} top-5 {res['top5']:.2f} "
+        ctx.say(f"eval after epoch {epoch} (step {st.step}): top-1 {res['top1']:.2f} top-5 {res['top5']:.2f} "
                     f"loss {res['loss']:.4f}{ema_txt}; best {b.top1:.2f} ({b.source})")
         self.last_eval = rec
 
-    def describe(self, trainer: Trainer) -> list[str]:
-        cfg, m, acc = self.cfg, self.cfg.model, trainer.accelerator
+    def describe(self, ctx: TrainContext) -> list[str]:
+        cfg, m, acc = self.cfg, self.cfg.model, ctx.accelerator
         lines = [f"fcmae finetune: {m.name}, {self.num_classes} classes, input {cfg.data.input_size}x"
                  f"{cfg.data.input_size}, in_chans {m.in_chans}, {acc.num_processes} process(es) on {acc.device}, "
-                 f"mixed precision {trainer.mixed_precision}",
+                 f"mixed precision {ctx.mixed_precision}",
                  f"data: {cfg.data.source}; {self.data.describe_budget(cfg.data)}; {len(self.data.val)} validation "
                  "images"]
         info = self.init_info
-        if info is not None and trainer.resumed_from is None:
+        if info is not None and ctx.resumed_from is None:
             lines.append(f"init: {m.init} ({info['layout']} layout, {info['variant_in_file']})"
                          + (", stem adapted to in_chans" if info["adapted_stem"] else ""))
             if info["fresh"]:
@@ -224,7 +226,7 @@ class FinetuneRecipe(Recipe):
             lines.append("init: none (random weights; set model.init or --init to fine-tune pretrained weights)")
         o = cfg.optim
         if o.layer_decay < 1.0:
-            scales = sorted({g["lr_scale"] for g in trainer.optimizer.param_groups})
+            scales = sorted({g["lr_scale"] for g in ctx.optimizer.param_groups})
             lines.append(f"layer decay {o.layer_decay_type} {o.layer_decay:g}: {len(scales)} layers, lr scales "
                          f"{scales[0]:.3g} .. {scales[-1]:.3g}")
         mixing = "Mixup/CutMix" if self.mixup_fn is not None else "no Mixup/CutMix"
@@ -233,13 +235,13 @@ class FinetuneRecipe(Recipe):
                      + ("; linear probe (trunk frozen)" if cfg.run.linear_probe else ""))
         return lines
 
-    def finish(self, trainer: Trainer) -> dict[str, Any]:
-        st, out = trainer.state, trainer.out_dir
+    def finish(self, ctx: TrainContext) -> dict[str, Any]:
+        st, out = ctx.state, ctx.out_dir
         if self.best.evaluated_at != st.step:  # stopped mid-epoch (max_steps) or resumed a finished run
-            self.evaluate(trainer, st.epoch if st.batch_in_epoch else st.epoch - 1)
-        if trainer.accelerator.is_main_process:
-            meta = self._metadata(trainer)
-            export_classifier(trainer.unwrapped, out / "last.safetensors", {**meta, "weights": "model"})
+            self.evaluate(ctx, st.epoch if st.batch_in_epoch else st.epoch - 1)
+        if ctx.is_main_process:
+            meta = self._metadata(ctx)
+            export_classifier(ctx.unwrapped, out / "last.safetensors", {**meta, "weights": "model"})
             if self.ema is not None:
                 export_classifier(self.ema.module, out / "last_ema.safetensors", {**meta, "weights": "ema"})
         e, b = self.last_eval, self.best
@@ -249,6 +251,6 @@ class FinetuneRecipe(Recipe):
                 "best_source": b.source, "best": str(out / "best.safetensors"), "last": str(out / "last.safetensors")}
 
 
-def run_finetuning(cfg: FinetuneConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+def run_finetuning(cfg: FinetuneConfig, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
     """Fine-tune as configured; returns the summary (paths, accuracies, throughput)."""
-    return Trainer(cfg, FinetuneRecipe(cfg), callbacks).fit()
+    return Trainer(cfg, FinetuneRecipe(cfg), hooks).fit()

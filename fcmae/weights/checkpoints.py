@@ -1,4 +1,4 @@
-"""The run directory on disk: complete-or-invisible checkpoints, atomic small files, the output-folder guard.
+"""Training checkpoints on disk: complete-or-invisible ``checkpoints/step_N`` folders, found and verified.
 
 A checkpoint ``checkpoints/step_N`` is accelerate's ``save_state`` written into ``.tmp_step_N``, completed by a
 ``MANIFEST.json`` (every file with its size, written last, everything fsynced) and then renamed in. An existing
@@ -9,35 +9,16 @@ newest checkpoint whose manifest checks out and reports the ones it skipped.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+
+from fcmae.weights.files import WriteError, describe_os_error, write_json_atomic
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 MANIFEST = "MANIFEST.json"
-# files that mean an output folder holds a run
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "encoder.safetensors",
-               "best.safetensors", "last.safetensors", "last_ema.safetensors", "reconstruction.png", "tensorboard")
-
-
-class RunDirError(OSError):
-    """The output folder cannot be used or written (another run's outputs, full disk, permissions)."""
-
-
-def describe_os_error(exc: BaseException, path: Path | str) -> str:
-    """One line naming the path and the cause; recognises a full disk behind torch's serialisation errors."""
-    code = getattr(exc, "errno", None)
-    if code is None and "unexpected pos" in str(exc):  # torch's zip writer hides ENOSPC behind this
-        code = errno.ENOSPC
-    cause = {errno.ENOSPC: "no space left on the disk", errno.EROFS: "read-only file system",
-             errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded",
-             errno.ENOTDIR: "a file stands where a folder should be",
-             errno.EEXIST: "a file stands where a folder should be"}.get(code or -1)
-    return f"cannot write {path}: {cause or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}"
 
 
 def fsync_tree(root: Path) -> None:
@@ -45,28 +26,6 @@ def fsync_tree(root: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-def write_text_atomic(path: Path | str, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, fsync, rename; on failure remove the temp file and raise a
-    ``RunDirError`` naming the path and the cause (the old file, if any, stays as it was)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
-        raise RunDirError(describe_os_error(exc, path)) from None
-    return path
-
-
-def write_json_atomic(path: Path | str, obj: Any) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -147,14 +106,14 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 def save_checkpoint(accelerator, root: Path, step: int, keep_last: int) -> Path:
     """accelerate ``save_state`` into a temp dir, manifest, atomic rename to ``root/step_N``; prune the oldest
-    complete checkpoints beyond ``keep_last``. A write error removes the temp dir and raises ``RunDirError``."""
+    complete checkpoints beyond ``keep_last``. A write error removes the temp dir and raises ``WriteError``."""
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     if accelerator.is_main_process:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RunDirError(describe_os_error(exc, root)) from None
+            raise WriteError(describe_os_error(exc, root)) from None
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
@@ -164,7 +123,7 @@ def save_checkpoint(accelerator, root: Path, step: int, keep_last: int) -> Path:
             _write_manifest(tmp, step)
     except (OSError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RunDirError(describe_os_error(exc, tmp.with_name(final.name))) from None
+        raise WriteError(describe_os_error(exc, tmp.with_name(final.name))) from None
     if accelerator.is_main_process:
         _swap_in(tmp, final)
         good, _ = scan_checkpoints(root)
@@ -172,26 +131,3 @@ def save_checkpoint(accelerator, root: Path, step: int, keep_last: int) -> Path:
             shutil.rmtree(p, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-# --------------------------------------------------------------------------------------------- output folder
-def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
-    """Refuse to start a new run over another run's outputs unless told to (``run.resume`` / ``run.overwrite``);
-    with ``overwrite`` the old run's outputs are removed first. Checks the folder can be written."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunDirError(f"run.output_dir {out_dir} is a file, not a folder")
-    used = [m for m in RUN_MARKERS if (out_dir / m).exists()]
-    if used and not resume and not overwrite:
-        raise RunDirError(f"run.output_dir {out_dir} holds another run ({', '.join(used[:3])}); continue it with "
-                          "run.resume=auto, start over with run.overwrite=true, or choose another run.output_dir")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if used and overwrite:
-            for m in used:
-                target = out_dir / m
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-        probe = out_dir / ".fcmae_write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise RunDirError(describe_os_error(exc, out_dir)) from None

@@ -8,7 +8,7 @@ the weights (``{"model": ..., "optimizer": ...}``, the official trainer's ``chec
 
 Pickles are read with ``torch.load(weights_only=True)`` with exactly one class allowed beyond torch's tensor
 types: ``argparse.Namespace`` (``SAFE_GLOBALS``). Any other global in the pickle is refused with a one-line
-message naming it, and no code from the file runs. Anything unreadable raises ``CheckpointError`` with a one-line
+message naming it, and no code from the file runs. Anything unreadable raises ``WeightFileError`` with a one-line
 message naming the file and the problem.
 
 ``save_state_dict`` writes safetensors unless the suffix is ``.pt``/``.pth``; the file appears complete or not
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
@@ -55,7 +56,7 @@ ACCELERATE_MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
 TORCH_SUFFIXES = (".pt", ".pth")
 
 
-class CheckpointError(ValueError):
+class WeightFileError(ValueError):
     """The file is not a checkpoint we can read; the message names the file and the problem."""
 
 
@@ -68,7 +69,7 @@ def _looks_like_safetensors(path: Path) -> bool:
     """Sniff the header: an 8-byte little-endian JSON length, then ``{``."""
     try:
         head = _read_head(path, 9)
-    except CheckpointError:
+    except WeightFileError:
         return False
     if len(head) < 9:
         return False
@@ -81,7 +82,7 @@ def _read_head(path: Path, n: int = 8) -> bytes:
         with path.open("rb") as f:
             return f.read(n)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({_one_line(exc)})") from exc
+        raise WeightFileError(f"{path}: cannot read ({_one_line(exc)})") from exc
 
 
 def _refused_message(names: list[str]) -> str:
@@ -188,7 +189,7 @@ def _allow(classes: tuple[type, ...]) -> contextlib.AbstractContextManager[Any]:
 
 
 def safe_torch_load(path: str | os.PathLike[str]) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU with ``SAFE_GLOBALS`` allowed; ``CheckpointError`` otherwise.
+    """``torch.load(path, weights_only=True)`` on CPU with ``SAFE_GLOBALS`` allowed; ``WeightFileError`` otherwise.
 
     The message is one line and names the refused globals; no code from the file ever runs.
     """
@@ -198,7 +199,7 @@ def safe_torch_load(path: str | os.PathLike[str]) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # the refusal below says enough
             return torch.load(str(src), map_location="cpu", weights_only=True)
     except Exception as exc:  # bad zip, refused pickle, truncated file: all "not a checkpoint we can read"
-        raise CheckpointError(f"{src}: {_torch_load_problem(exc, src)}") from exc
+        raise WeightFileError(f"{src}: {_torch_load_problem(exc, src)}") from exc
 
 
 def _resolve(path: Path) -> Path:
@@ -207,19 +208,19 @@ def _resolve(path: Path) -> Path:
         for name in ACCELERATE_MODEL_FILES:
             if (path / name).is_file():
                 return path / name
-        raise CheckpointError(
+        raise WeightFileError(
             f"{path}: directory holds no model weights (expected {' or '.join(ACCELERATE_MODEL_FILES)}, "
             "as written by accelerate save_state, timm or Hugging Face)"
         )
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+        raise WeightFileError(f"{path}: no such file or directory")
     if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file")
+        raise WeightFileError(f"{path}: not a regular file")
     return path
 
 
 @dataclass
-class Checkpoint:
+class WeightFile:
     """What ``read_checkpoint`` found.
 
     ``state_dict``: name -> tensor on CPU, as stored. ``metadata``: string metadata (safetensors header, the
@@ -247,7 +248,7 @@ def _unwrap(obj: Any, path: Path, ema: bool) -> tuple[Any, str | None]:
     if ema:
         held = f"it holds {_entries(obj)}" if not all(isinstance(v, Tensor) for v in obj.values()) else \
             "it is a plain state dict"
-        raise CheckpointError(f"{path}: no EMA weights ({' or '.join(EMA_KEYS)}) in this checkpoint; {held}")
+        raise WeightFileError(f"{path}: no EMA weights ({' or '.join(EMA_KEYS)}) in this checkpoint; {held}")
     return obj, None
 
 
@@ -285,16 +286,16 @@ def _describe_pickle(obj: Any, key: str | None) -> str:
 
 def _check_state_dict(obj: Any, path: Path) -> StateDict:
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+        raise WeightFileError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     if not obj:
-        raise CheckpointError(f"{path}: state dict is empty")
+        raise WeightFileError(f"{path}: state dict is empty")
     bad = [str(k) for k, v in obj.items() if not (isinstance(k, str) and isinstance(v, Tensor))]
     if len(bad) == len(obj):
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise CheckpointError(f"{path}: dict holds no tensors (keys: {shown})")
+        raise WeightFileError(f"{path}: dict holds no tensors (keys: {shown})")
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise CheckpointError(f"{path}: not a state dict: {len(bad)} entries are not named tensors ({shown})")
+        raise WeightFileError(f"{path}: not a state dict: {len(bad)} entries are not named tensors ({shown})")
     return dict(obj)
 
 
@@ -304,11 +305,11 @@ def _read_safetensors(src: Path) -> tuple[StateDict, dict[str, str]]:
         with safe_open(str(src), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types; all mean "not readable"
-        raise CheckpointError(f"{src}: not a readable safetensors file ({_one_line(exc)})") from exc
+        raise WeightFileError(f"{src}: not a readable safetensors file ({_one_line(exc)})") from exc
     return _check_state_dict(sd, src), metadata
 
 
-def read_checkpoint(path: str | os.PathLike[str], ema: bool = False) -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike[str], ema: bool = False) -> WeightFile:
     """Read a weight file or a folder holding one -> ``Checkpoint`` (state dict on CPU, metadata, source line).
 
     ``ema``: take the EMA weights (``model_ema`` / ``state_dict_ema``) of a training checkpoint; an error if it
@@ -320,17 +321,17 @@ def read_checkpoint(path: str | os.PathLike[str], ema: bool = False) -> Checkpoi
     if src.suffix == ".safetensors" or _looks_like_safetensors(src):
         sd, metadata = _read_safetensors(src)
         if ema:
-            raise CheckpointError(f"{src}: no EMA weights in a safetensors file (it holds one state dict)")
-        return Checkpoint(src, sd, metadata, folder + "safetensors file")
+            raise WeightFileError(f"{src}: no EMA weights in a safetensors file (it holds one state dict)")
+        return WeightFile(src, sd, metadata, folder + "safetensors file")
     head = _read_head(src)
     if not head:
-        raise CheckpointError(f"{src}: file is empty")
+        raise WeightFileError(f"{src}: file is empty")
     # torch.save writes a zip archive (or, before PyTorch 1.6, a pickle starting with the PROTO opcode)
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        raise CheckpointError(f"{src}: not a PyTorch or safetensors checkpoint (unrecognised file header)")
+        raise WeightFileError(f"{src}: not a PyTorch or safetensors checkpoint (unrecognised file header)")
     obj = safe_torch_load(src)
     sd, key = _unwrap(obj, src, ema)
-    return Checkpoint(src, _check_state_dict(sd, src), _pickle_metadata(obj), folder + _describe_pickle(obj, key))
+    return WeightFile(src, _check_state_dict(sd, src), _pickle_metadata(obj), folder + _describe_pickle(obj, key))
 
 
 def load_state_dict_file(path: str | os.PathLike[str], ema: bool = False) -> tuple[StateDict, dict[str, str]]:
@@ -380,36 +381,87 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class WriteError(OSError):
+    """A file or folder could not be written (full disk, permissions, a file where a folder should be); the message
+    names the path the caller asked for and the cause."""
+
+
+def describe_os_error(exc: BaseException, path: Path | str) -> str:
+    """One line naming the path and the cause; recognises a full disk behind torch's and safetensors' errors."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code is None and ("unexpected pos" in text or "No space left" in text):  # torch's zip writer, safetensors
+        code = errno.ENOSPC
+    cause = {errno.ENOSPC: "no space left on the disk", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded",
+             errno.ENOTDIR: "a file stands where a folder should be",
+             errno.EEXIST: "a file stands where a folder should be"}.get(code or -1)
+    return f"cannot write {path}: {cause or (text.splitlines()[0] if text else type(exc).__name__)}"
+
+
+def temp_name(path: Path) -> str:
+    """The prefix of every temp file or folder written beside ``path`` (``.NAME.<random>.tmp``): one naming rule,
+    so that what a killed writer left can be recognised and removed."""
+    return f".{path.name}."
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """The one atomic file writer: ``write(tmp)`` fills a temp file beside ``path``, which is then fsynced and renamed
+    over ``path`` (readers see the old file or the whole new one). Permissions are a plain ``open()``'s. On any
+    error the temp file is removed, ``path`` is untouched and a ``WriteError`` names ``path`` and the cause."""
+    dst = Path(path)
+    tmp: Path | None = None
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=temp_name(dst), suffix=".tmp")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        write(tmp)
+        # mkstemp makes the file private (0600), and safetensors >= 0.8 recreates it so
+        os.chmod(tmp, 0o666 & ~_umask())
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except Exception as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise WriteError(describe_os_error(exc, dst)) from exc
+    except BaseException:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(dst.parent)
+    return dst
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """``text`` to ``path`` atomically (``atomic_write``)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """``obj`` as indented JSON to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
 def save_state_dict(
     path: str | os.PathLike[str], state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write ``state_dict`` atomically: safetensors, or ``{"model": sd, "metadata": md}`` for ``.pt``/``.pth``.
 
-    Metadata values are stored as strings. Returns the path written.
+    Metadata values are stored as strings. Returns the path written; a failure is a ``WriteError``.
     """
     dst = Path(path)
     md = {str(k): str(v) for k, v in (metadata or {}).items()}
     sd = _prepare(state_dict)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+
+    def write(tmp: Path) -> None:
         if dst.suffix in TORCH_SUFFIXES:
             torch.save({"model": sd, "metadata": md}, tmp)
         else:
             save_file(sd, str(tmp), metadata=md)
-        # mkstemp makes the file private (0600), and safetensors >= 0.8 recreates it so; after writing, give it
-        # the permissions a plain open() would
-        os.chmod(tmp, 0o666 & ~_umask())
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dst.parent)
-    return dst
+
+    return atomic_write(dst, write)
 
 
 def save_folder(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
@@ -421,9 +473,9 @@ def save_folder(path: str | os.PathLike[str], write: Callable[[Path], None]) -> 
     """
     dst = Path(path)
     if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst}: exists and is not a folder")
+        raise WeightFileError(f"{dst}: exists and is not a folder")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=temp_name(dst), suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
         write(tmp)

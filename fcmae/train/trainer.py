@@ -14,27 +14,25 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fcmae.checkpoint import (
-    RunDirError,
+from fcmae.data.sampling import EpochSampler, Sample
+from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
+from fcmae.train.rundir import RunDirError, prepare_output_dir
+from fcmae.weights.checkpoints import (
     checkpoint_problem,
     cleanup_partial,
     find_latest_checkpoint,
-    prepare_output_dir,
     save_checkpoint,
     scan_checkpoints,
-    write_json_atomic,
-    write_text_atomic,
 )
-from fcmae.data.sampling import EpochSampler
+from fcmae.weights.files import write_json_atomic, write_text_atomic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -86,24 +84,20 @@ def make_schedule(optim: Any, run: Any, batches_per_epoch: int, global_batch: in
     return Schedule(steps_per_epoch, total, min(warmup, total), last, base_lr, base_lr * 256.0 / eff, eff)
 
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0, coarse: bool = False
-                 ) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
     """AdamW parameter groups from the model's own knowledge, built by timm.
 
     No weight decay on 1-D parameters and biases (timm's rule) nor on ``model.no_weight_decay()``. With
-    ``layer_decay < 1`` the groups also carry ``lr_scale = layer_decay ** (last - layer)`` with layers from
-    ``model.group_matcher(coarse)`` (timm's ``param_groups_layer_decay``). Frozen parameters are left out.
+    ``layer_decay < 1`` the groups also carry ``lr_scale = layer_decay ** (last - layer)`` with layers from the
+    model's ``group_matcher`` (timm's ``param_groups_layer_decay``, which takes the model as it is: the rule is the
+    model's ``layer_decay_type``). Frozen parameters are left out.
     """
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
     skip = tuple(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else ()
     if layer_decay >= 1.0:
         return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
-
-    # timm always asks for group_matcher(coarse=False); this view passes the chosen rule through
-    view = SimpleNamespace(named_parameters=model.named_parameters,
-                           group_matcher=lambda **_: model.group_matcher(coarse))
-    return param_groups_layer_decay(view, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -188,48 +182,6 @@ class MetricsLogger:
             self.tb.close()
 
 
-# ------------------------------------------------------------------------------------------- recipe interface
-class Recipe:
-    """What a training run provides. ``setup`` must set ``model``, ``train_set`` and ``param_groups``."""
-
-    name = "train"
-    model: nn.Module
-    train_set: Any  # a SeededSamples (its ``epoch`` is set by the trainer)
-    param_groups: list[dict[str, Any]]
-
-    def setup(self, trainer: Trainer) -> None:
-        raise NotImplementedError
-
-    def after_prepare(self, trainer: Trainer) -> None:
-        """Anything that needs the prepared model (evaluation loaders, EMA copies)."""
-
-    def stateful(self) -> list[Any]:
-        """Extra objects (``state_dict``/``load_state_dict``) saved with every checkpoint."""
-        return []
-
-    def describe(self, trainer: Trainer) -> list[str]:
-        return []
-
-    def train_mode(self, model: nn.Module) -> None:
-        model.train()
-
-    def loss(self, model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    def after_step(self, trainer: Trainer) -> None:
-        """After every optimizer step."""
-
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
-        """After epoch ``epoch`` (0-based) completed (not after a run cut short mid-epoch)."""
-
-    def finish(self, trainer: Trainer) -> dict[str, Any]:
-        """At the end of the run (main and other processes); returns entries for the summary."""
-        return {}
-
-
-Callback = Callable[["Trainer"], None]
-
-
 def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, accelerator, lr: float,
                       clip_grad: float | None = None) -> dict[str, Any]:
     """Inside ``accelerator.accumulate``: backward, and at accumulation boundaries set ``lr * lr_scale`` per group,
@@ -277,15 +229,18 @@ class _Pending:
 
 # ------------------------------------------------------------------------------------------- the trainer
 class Trainer:
-    """Runs a recipe with a config that has ``optim`` and ``run`` sections (see ``fcmae.config``).
+    """Runs a recipe (``fcmae.train.recipe.Recipe``) with a config that has ``optim`` and ``run`` sections.
 
-    ``callbacks`` are called after every optimizer step with the trainer (e.g. to inject a fault in a test).
+    ``hooks`` (``StepHook``: a callable taking the ``TrainContext``, the same signature as the recipe's
+    ``after_step``) run after every optimizer step. The recipe's own runs first, before the step is logged and
+    saved (its work, e.g. the EMA update, belongs to the step); the others run after, so they see the saved state
+    (e.g. a test's fault injection).
     """
 
-    def __init__(self, cfg: Any, recipe: Recipe, callbacks: Sequence[Callback] = ()) -> None:
+    def __init__(self, cfg: Any, recipe: Recipe, hooks: Sequence[StepHook] = ()) -> None:
         self.cfg = cfg
         self.recipe = recipe
-        self.callbacks = list(callbacks)
+        self.hooks: list[StepHook] = list(hooks)
         self.out_dir = Path(cfg.run.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.state = TrainState()
@@ -311,14 +266,14 @@ class Trainer:
         set_seed(run.seed)
 
     def _loader(self) -> torch.utils.data.DataLoader:
-        run, n = self.cfg.run, len(self.recipe.train_set)
+        run, n = self.cfg.run, len(self.parts.train_set)
         global_batch = run.batch_size * self.accelerator.num_processes
         if n < global_batch:
             raise ValueError(f"the training set has {n} images, fewer than one global batch ({run.batch_size} x "
                              f"{self.accelerator.num_processes} processes); lower run.batch_size")
         self.sampler = EpochSampler(n, run.seed)
         return torch.utils.data.DataLoader(
-            self.recipe.train_set, batch_size=run.batch_size, sampler=self.sampler,
+            self.parts.train_set, batch_size=run.batch_size, sampler=self.sampler,
             num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
             persistent_workers=False, generator=torch.Generator().manual_seed(0))
 
@@ -351,15 +306,17 @@ class Trainer:
         self._accelerator()
         if self.accelerator.is_main_process and self.out_dir.exists() and not self.out_dir.is_dir():
             raise RunDirError(f"run.output_dir {self.out_dir} is a file, not a folder")
-        self.recipe.setup(self)  # data and model: every user error in them comes before anything is written
+        # data and model: every user error in them comes before anything is written
+        self.parts: RecipeParts = self.recipe.setup()
         o = self.cfg.optim
-        optimizer = torch.optim.AdamW(self.recipe.param_groups, lr=0.0, betas=tuple(o.betas), eps=o.eps)
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(self.recipe.model, optimizer,
+        optimizer = torch.optim.AdamW(self.parts.param_groups, lr=0.0, betas=tuple(o.betas), eps=o.eps)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(self.parts.model, optimizer,
                                                                            self._loader())
         # sized after prepare: with several processes the prepared loader holds this process's share
         self.schedule = make_schedule(o, run, len(self.loader), run.batch_size * self.accelerator.num_processes)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
-        self.recipe.after_prepare(self)
+        self.ctx = self._context()
+        self.recipe.after_prepare(self.ctx)
         for obj in [self.state, *self.recipe.stateful()]:
             self.accelerator.register_for_checkpointing(obj)
         if self.accelerator.is_main_process:
@@ -376,10 +333,19 @@ class Trainer:
             save_config(self.cfg, self.out_dir / "config.yaml")
         self.logger = MetricsLogger(self.out_dir, self.accelerator.is_main_process)
         self.logger.truncate_after(self.state.step)
+        self.ctx.resumed_from = self.resumed_from
+        self.ctx.log, self.ctx.image = self.logger.log, self.logger.image
+
+    def _context(self) -> TrainContext:
+        """The recipe's view of this trainer (logging is wired in once the metrics file is open)."""
+        return TrainContext(accelerator=self.accelerator, model=self.model, unwrapped=self.unwrapped,
+                            optimizer=self.optimizer, state=self.state, schedule=self.schedule, out_dir=self.out_dir,
+                            mixed_precision=self.mixed_precision, resumed_from=None, log=lambda rec: None,
+                            image=lambda tag, path, step: None)
 
     def _describe(self) -> None:
         s, run, acc = self.schedule, self.cfg.run, self.accelerator
-        for line in self.recipe.describe(self):
+        for line in self.recipe.describe(self.ctx):
             self.say(line)
         given = " (optim.lr given)" if self.cfg.optim.lr is not None else ""
         self.say(f"effective batch {s.effective_batch} = {run.batch_size} x {acc.num_processes} x {run.accum_iter}; "
@@ -411,7 +377,7 @@ class Trainer:
         st, s, acc, run = self.state, self.schedule, self.accelerator, self.cfg.run
         epoch = st.epoch
         self.sampler.use_epoch(epoch)
-        self.recipe.train_set.epoch = epoch
+        self.parts.train_set.use_epoch(epoch)
         loader = acc.skip_first_batches(self.loader, st.batch_in_epoch) if st.batch_in_epoch else self.loader
         batches_per_epoch = s.steps_per_epoch * run.accum_iter
         self.bar = tqdm(total=batches_per_epoch - st.batch_in_epoch, desc=f"epoch {epoch}", leave=False,
@@ -428,12 +394,12 @@ class Trainer:
             st.batch_in_epoch = 0
             self._flush()
             self.say(f"epoch {epoch} done: step {st.step}, loss {self.last_loss:.4f}")
-            self.recipe.on_epoch_end(self, epoch)
+            self.recipe.on_epoch_end(self.ctx, epoch)
             self.recipe.train_mode(self.model)
             if st.epoch % run.save_every_epochs == 0 and self.last_saved != st.step:
                 self.save()
 
-    def _micro_step(self, batch: Sequence[Tensor]) -> bool:
+    def _micro_step(self, batch: Sample) -> bool:
         """One micro-batch; True when it completed an optimizer step. No host read unless it logs or saves."""
         st, acc = self.state, self.accelerator
         lr = lr_at(st.step, self.schedule.total_steps, self.schedule.warmup_steps, self.schedule.base_lr,
@@ -441,8 +407,8 @@ class Trainer:
         with acc.accumulate(self.model):
             out = backward_and_step(self.recipe.loss(self.model, batch), self.optimizer, acc, lr,
                                     self.cfg.optim.clip_grad)
-        n_imgs = batch[0].shape[0] * acc.num_processes
-        self.pending.add(out, st.step, batch[-1])
+        n_imgs = batch.image.shape[0] * acc.num_processes
+        self.pending.add(out, st.step, batch.skipped)
         st.batch_in_epoch += 1
         st.images_seen += n_imgs
         self.images_run += n_imgs
@@ -451,13 +417,13 @@ class Trainer:
         if not out["stepped"]:
             return False
         st.step += 1
-        self.recipe.after_step(self)
+        self.recipe.after_step(self.ctx)
         if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
             self._log_step(lr)
         if self.cfg.run.save_every_steps and st.step % self.cfg.run.save_every_steps == 0:
             self.save()
-        for cb in self.callbacks:
-            cb(self)
+        for hook in self.hooks:
+            hook(self.ctx)
         return True
 
     def _flush(self) -> dict[str, Any]:
@@ -506,7 +472,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         st, wall = self.state, time.perf_counter() - self.t_start
-        self.summary.update(self.recipe.finish(self))
+        self.summary.update(self.recipe.finish(self.ctx))
         self.summary.update({
             "final_loss": self.last_loss, "steps": st.step, "epochs": st.epoch, "wall_s": wall,
             "img_per_s": self.images_run / max(wall, 1e-9), "skipped_files": st.skipped_files,

@@ -36,12 +36,9 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from fcmae.models.convnextv2 import canonical_name, get_variant, list_models
+from fcmae.models.registry import STEM_KEY, canonical_name, get_variant, list_models, variant_of
 
 StateDict = dict[str, Tensor]
-
-# timm builds these variants with conv_mlp=True (1x1 conv MLP weights)
-_TIMM_CONV_MLP = {"convnextv2_atto", "convnextv2_femto", "convnextv2_pico", "convnextv2_nano", "convnextv2_test"}
 
 _BLOCK_DENSE_TO_TIMM = {
     "dwconv": "conv_dw",
@@ -67,8 +64,7 @@ def _fail_unplaced(keys: list[str], what: str) -> None:
 
 def dense_to_timm(state_dict: StateDict, model_name: str) -> StateDict:
     """Our dense layout -> timm's ``convnextv2_*`` layout (MLP weights shaped as timm's variant expects)."""
-    name = canonical_name(model_name)
-    conv_mlp = name in _TIMM_CONV_MLP
+    conv_mlp = get_variant(model_name).timm_conv_mlp
     state_dict = with_identity_grn(state_dict)
     out: StateDict = {}
     unplaced: list[str] = []
@@ -423,9 +419,9 @@ def to_dense(state_dict: Mapping[str, Tensor]) -> tuple[StateDict, str]:
 
 def infer_in_chans(dense_sd: Mapping[str, Tensor]) -> int:
     """Input channels from the stem conv weight ``(C0, in_chans, 4, 4)``."""
-    stem = dense_sd.get("downsample_layers.0.0.weight")
+    stem = dense_sd.get(STEM_KEY)
     if stem is None or stem.ndim != 4:
-        raise ConversionError("cannot infer in_chans: no stem conv weight 'downsample_layers.0.0.weight' (4-D)")
+        raise ConversionError(f"cannot infer in_chans: no stem conv weight '{STEM_KEY}' (4-D)")
     return int(stem.shape[1])
 
 
@@ -455,10 +451,8 @@ def infer_depths_dims(dense_sd: Mapping[str, Tensor]) -> tuple[tuple[int, ...], 
 def infer_variant(dense_sd: Mapping[str, Tensor]) -> str:
     """The registered variant (``convnextv2_*``) whose depths and dims match the weights."""
     depths, dims = infer_depths_dims(dense_sd)
-    for name in list_models():
-        spec = get_variant(name)
-        if spec.depths == depths and spec.dims == dims:
-            return name
+    if (name := variant_of(depths, dims)) is not None:
+        return name
     known = "; ".join(f"{n} {get_variant(n).depths}/{get_variant(n).dims}" for n in list_models())
     raise ConversionError(f"no registered variant has depths {depths} and dims {dims} (known: {known})")
 
@@ -474,7 +468,7 @@ def expected_dense_shapes(model_name: str, num_classes: int = 0, in_chans: int =
     spec = get_variant(model_name)
     d = spec.dims
     shapes: dict[str, tuple[int, ...]] = {
-        "downsample_layers.0.0.weight": (d[0], in_chans, 4, 4),
+        STEM_KEY: (d[0], in_chans, 4, 4),
         "downsample_layers.0.0.bias": (d[0],),
         "downsample_layers.0.1.weight": (d[0],),
         "downsample_layers.0.1.bias": (d[0],),
@@ -516,7 +510,7 @@ def check_against_model(dense_sd: Mapping[str, Tensor], model_name: str) -> str:
         raise ConversionError(str(exc)) from exc
     head = dense_sd.get("head.weight")
     num_classes = int(head.shape[0]) if head is not None else 0
-    in_chans = infer_in_chans(dense_sd) if "downsample_layers.0.0.weight" in dense_sd else 3
+    in_chans = infer_in_chans(dense_sd) if STEM_KEY in dense_sd else 3
     expected = expected_dense_shapes(name, num_classes, in_chans, use_grn=has_grn(dense_sd))
     problems: list[str] = []
     for key, t in dense_sd.items():

@@ -1,13 +1,12 @@
 """The one weight loader: any checkpoint layout ``fcmae convert`` reads, into a dense ConvNeXt V2 or an FCMAE model.
 
 Used by ``fcmae finetune --init``, ``fcmae evaluate``, ``fcmae visualize``, ``fcmae probe`` and
-``fcmae.create_model(name, pretrained=path)``. Files are read by :func:`fcmae.io.load_state_dict_file`
+``fcmae.create_model(name, pretrained=path)``. Files are read by :func:`fcmae.weights.files.load_state_dict_file`
 (safetensors, or ``torch.load(weights_only=True)``), so no file can run code.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,26 +14,34 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-STEM_KEY = "downsample_layers.0.0.weight"
+from fcmae.models.registry import STEM_KEY
 
 
 class WeightsError(ValueError):
     """Weights that do not fit the model; the message names the file and the tensors."""
 
 
-def resolve_weights_path(path: str | Path) -> Path:
-    """A weight file or accelerate checkpoint directory as given, or the best weights inside a run directory
-    (``best.safetensors``, ``last.safetensors``, ``encoder.safetensors``, else the newest complete checkpoint)."""
-    from fcmae.checkpoint import find_latest_checkpoint
+RUN_WEIGHT_FILES = ("best.safetensors", "last.safetensors", "encoder.safetensors")
+
+
+def resolve_weights_path(path: str | Path, run_files: tuple[str, ...] = RUN_WEIGHT_FILES) -> Path:
+    """The one resolver of what a user names as weights: a weight file or checkpoint folder as given; in a run folder
+    the first of ``run_files`` present (default: best, last, encoder), else its newest complete checkpoint. A run
+    folder with none of these is a ``WeightsError``. Folders are read by ``fcmae.weights.files`` (their model file)."""
+    from fcmae.weights.checkpoints import find_latest_checkpoint
 
     p = Path(path)
-    if p.is_dir() and not (p / "model.safetensors").is_file():
-        for name in ("best.safetensors", "last.safetensors", "encoder.safetensors"):
-            if (p / name).is_file():
-                return p / name
-        latest = find_latest_checkpoint(p / "checkpoints")
-        if latest is not None:
-            return latest
+    if not p.is_dir() or (p / "model.safetensors").is_file() or (p / "pytorch_model.bin").is_file():
+        return p
+    for name in run_files:
+        if (p / name).is_file():
+            return p / name
+    latest = find_latest_checkpoint(p / "checkpoints")
+    if latest is not None:
+        return latest
+    if (p / "checkpoints").is_dir() or not run_files:
+        raise WeightsError(f"{p}: no {', '.join(run_files) + ' and no ' if run_files else ''}complete "
+                           "checkpoints/step_N inside")
     return p
 
 
@@ -59,8 +66,8 @@ def fold_probe_head(sd: Mapping[str, Tensor], eps: float = 1e-6) -> dict[str, Te
 def read_dense(path: str | Path, ema: bool = False) -> tuple[dict[str, Tensor], str, dict[str, str], Path]:
     """Any layout -> ``(our dense state dict, layout name, file metadata, resolved path)``; ``ema`` takes the EMA
     weights of a checkpoint that holds both (``model_ema``)."""
-    from fcmae.convert import to_dense
-    from fcmae.io import load_state_dict_file
+    from fcmae.weights.files import load_state_dict_file
+    from fcmae.weights.layouts import to_dense
 
     src = resolve_weights_path(path)
     raw, meta = load_state_dict_file(src, ema=ema)
@@ -103,7 +110,7 @@ def load_weights(model: nn.Module, path: str | Path, ema: bool = False) -> dict[
 
 def _fit(model: nn.Module, dense: dict[str, Tensor], layout: str, meta: dict[str, str], src: Path) -> dict[str, Any]:
     """``load_weights`` on weights already read and converted to our dense layout."""
-    from fcmae.convert import infer_variant
+    from fcmae.weights.layouts import infer_variant
 
     try:
         variant = infer_variant(dense)
@@ -145,9 +152,7 @@ def load_classifier(path: str | Path, name: str | None = None, in_chans: int | N
     Returns ``(model in eval mode, info)`` with ``load_weights``'s info plus ``name``, ``num_classes``,
     ``weight_in_chans``; a file without a classifier head is a ``WeightsError``.
     """
-    from fcmae.convert import check_against_model, has_grn, infer_in_chans, infer_variant
-    from fcmae.models.convnextv2 import create_model
-
+    from fcmae.weights.layouts import check_against_model, has_grn, infer_in_chans, infer_variant
     dense, layout, meta, src = read_dense(path, ema)
     if "head.weight" not in dense:
         raise WeightsError(f"{src}: no classifier head in these weights ({layout} layout, encoder only?); "
@@ -166,9 +171,7 @@ def load_encoder(path: str | Path, in_chans: int | None = None, ema: bool = Fals
     """A dense ConvNeXt V2 trunk without classifier (``num_classes=0``) from weights in any layout: variant and GRN
     from the weights, ``in_chans`` the stem's unless given (then the stem is adapted). Any head in the file is left
     out; a missing final norm stays the identity. Returns ``(model in eval mode, info)`` as ``load_classifier``."""
-    from fcmae.convert import has_grn, infer_in_chans, infer_variant
-    from fcmae.models.convnextv2 import create_model
-
+    from fcmae.weights.layouts import has_grn, infer_in_chans, infer_variant
     dense, layout, meta, src = read_dense(path, ema)
     dense.pop("head.weight", None)
     dense.pop("head.bias", None)
@@ -180,34 +183,15 @@ def load_encoder(path: str | Path, in_chans: int | None = None, ema: bool = Fals
     return model.eval(), info
 
 
-def load_pretraining_model(path: str | Path) -> tuple[nn.Module, Any, Path]:
-    """An FCMAE model (encoder + decoder) from a pretraining run directory, one of its checkpoints, or a
-    ``model.safetensors`` written by one. The architecture comes from the run's ``config.yaml`` (searched upwards
-    from the weights) or the ``config`` metadata of the file. Returns ``(model in eval mode, PretrainConfig, file)``.
-    """
-    from fcmae.checkpoint import find_latest_checkpoint
-    from fcmae.config import PretrainConfig, config_from_dict, load_config
-    from fcmae.io import load_state_dict_file
-    from fcmae.pretraining import build_model
+def create_model(name: str, *, pretrained: str | Path | None = None, pretrained_ema: bool = False, **kwargs: Any
+                 ) -> nn.Module:
+    """Build a dense ConvNeXt V2 variant by name (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``)
+    and load ``pretrained`` weights in any layout ``fcmae convert`` reads (a missing or mis-shaped head is
+    re-initialised, the stem adapted to ``in_chans``). ``kwargs``: ``fcmae.models.build_convnextv2``'s (num_classes,
+    in_chans, drop_path_rate, head_init_scale, use_grn). The public one-call API, ``fcmae.create_model``."""
+    from fcmae.models.convnextv2 import build_convnextv2
 
-    p = Path(path)
-    if p.is_dir() and not (p / "model.safetensors").is_file():
-        latest = find_latest_checkpoint(p / "checkpoints")
-        if latest is None:
-            raise WeightsError(f"{p}: no model.safetensors and no complete checkpoints/step_N inside")
-        p = latest
-    weights = p / "model.safetensors" if p.is_dir() else p
-    sd, meta = load_state_dict_file(weights)
-    cfg_path = next((d / "config.yaml" for d in weights.parents if (d / "config.yaml").is_file()), None)
-    if cfg_path is not None:
-        cfg = load_config(PretrainConfig, cfg_path)
-    elif "config" in meta:
-        cfg = config_from_dict(PretrainConfig, json.loads(meta["config"]))
-    else:
-        raise WeightsError(f"{weights}: cannot find the run's config.yaml to rebuild the model")
-    model = build_model(cfg)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise WeightsError(f"{weights}: not an FCMAE pretraining checkpoint of {cfg.model.name} "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval(), cfg, weights
+    model = build_convnextv2(name, **kwargs)
+    if pretrained:
+        load_weights(model, pretrained, ema=pretrained_ema)
+    return model

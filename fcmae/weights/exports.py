@@ -1,6 +1,6 @@
 """Model folders other libraries load directly: timm ``local-dir:`` and Hugging Face ``from_pretrained``.
 
-Both get ``config.json`` + ``model.safetensors``, written atomically (``fcmae.io.save_folder``):
+Both get ``config.json`` + ``model.safetensors``, written atomically (``fcmae.weights.files.save_folder``):
 
 - timm: ``timm.create_model("local-dir:OUT", pretrained=True)`` builds the architecture named in ``config.json``
   (``model_args`` carry the depths/dims of variants timm does not register, and ``in_chans`` other than 3) and
@@ -24,15 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fcmae.convert import ConversionError, dense_to_timm, dense_to_transformers, infer_in_chans
-from fcmae.io import save_folder, save_state_dict
-from fcmae.models.convnextv2 import get_variant
+from fcmae.models.registry import get_variant, mean_std
+from fcmae.weights.files import save_folder, save_state_dict
+from fcmae.weights.layouts import ConversionError, dense_to_timm, dense_to_transformers, infer_in_chans
 
 StateDict = dict[str, Tensor]
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# normalisation of our transforms (fcmae.data.mean_std): ImageNet for RGB, its channel mean for grayscale
-_MEAN_STD = {3: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), 1: ((0.449,), (0.226,))}
 INTEROP_HINT = "pip install 'fcmae[interop]'"
 
 
@@ -59,7 +57,7 @@ def _num_classes(dense: Mapping[str, Tensor]) -> int:
 
 
 def _mean_std(in_chans: int) -> tuple[list[float], list[float]]:
-    mean, std = _MEAN_STD.get(in_chans, (_MEAN_STD[1][0] * in_chans, _MEAN_STD[1][1] * in_chans))
+    mean, std = mean_std(in_chans)
     return list(mean), list(std)
 
 
@@ -70,13 +68,11 @@ def timm_config(variant: str, dense: Mapping[str, Tensor], image_size: int = 224
     ``architecture`` is the timm name of ``variant``; variants timm lacks (``convnextv2_test``) are built as
     ``convnextv2_atto`` (same 1x1-conv MLP) with their own ``depths``/``dims`` in ``model_args``.
     """
-    import timm
-
     spec = get_variant(variant)
     num_classes, in_chans = _num_classes(dense), infer_in_chans(dense)
     model_args: dict[str, Any] = {}
     arch = variant
-    if not timm.is_model(variant):
+    if not spec.in_timm:
         arch = "convnextv2_atto"
         model_args.update(depths=list(spec.depths), dims=list(spec.dims))
     if in_chans != 3:

@@ -3,7 +3,7 @@
 Every so often (``monitor`` config section) the encoder's current weights are loaded into a dense ConvNeXt V2 (the
 sparse encoder at mask ratio 0 computes the same function, see tests/test_sparse.py), features of fixed, seeded,
 stratified subsets of two labelled sets are computed, and the top-1 of DINO's weighted k-NN classifier is returned
-(:mod:`fcmae.probe`). The images are decoded once and kept in memory when they fit in ``CACHE_BYTES``.
+(:mod:`fcmae.evaluation.features`). The images are decoded once and kept in memory when they fit in ``CACHE_BYTES``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class KnnMonitor:
     def __init__(self, cfg: Any, model_name: str, in_chans: int, input_size: int, use_grn: bool,
                  data_root: str | None = None) -> None:
         from fcmae.data import build_eval_transform, dataset_targets, first_per_class, labelled_dataset
-        from fcmae.models.convnextv2 import create_model
+        from fcmae.weights.loader import create_model
 
         self.cfg = cfg
         tf = build_eval_transform(input_size, 1.0, in_chans)  # the whole image, as pretraining sees it
@@ -61,7 +61,7 @@ class KnnMonitor:
     @torch.no_grad()
     def measure(self, encoder: nn.Module) -> dict[str, float]:
         """``{"knn_top1": %, "knn_seconds": s}`` of the encoder's current weights (a sparse or dense trunk)."""
-        from fcmae.probe import accuracy, extract_features, knn_predict, standardise
+        from fcmae.evaluation.features import accuracy, extract_features, knn_predict, standardise
 
         t0 = time.perf_counter()
         device = next(encoder.parameters()).device

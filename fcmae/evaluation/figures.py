@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fcmae.masking import upsample_mask
 from fcmae.models.fcmae import FCMAE, patchify, unpatchify
+from fcmae.models.masking import upsample_mask
 
 
 @torch.no_grad()

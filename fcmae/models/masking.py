@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fcmae.models.registry import MASK_RATIO
+
+__all__ = ["MASK_RATIO", "check_mask_ratio", "check_on_device", "kept_indices", "num_kept", "random_masking",
+           "upsample_mask"]
+
 
 def _grid(grid_size: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(grid_size, int):

@@ -1,0 +1,84 @@
+"""The variant registry: one record per ConvNeXt V2 variant, the only place that lists depths and widths.
+
+Every fact about a variant that more than one layer needs lives here: its stage depths and widths, the name timm
+gives it and whether timm builds its MLPs as 1x1 convolutions, the paper's parameter count, and the model-wide
+names (stem weight, classifier) and default normalisation statistics. Converters, loaders, configs and data code
+read these records instead of restating them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# key of the stem convolution weight ``(C0, in_chans, 4, 4)`` in our dense layout (adapted for other in_chans)
+STEM_KEY = "downsample_layers.0.0.weight"
+# the classifier's keys in our dense layout (absent in encoder-only weights)
+HEAD_KEYS = ("head.weight", "head.bias")
+# default normalisation: ImageNet's statistics for RGB; for one channel, the means of the RGB statistics
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+GRAY_MEAN: tuple[float] = (0.449,)
+GRAY_STD: tuple[float] = (0.226,)
+# the paper's mask ratio (60 % of the 32x32 cells removed): the default of the config and of FCMAE.forward
+MASK_RATIO = 0.6
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ConvNeXt V2 variant.
+
+    ``depths``/``dims``: blocks and channels of the four stages. ``timm_conv_mlp``: timm builds this variant with
+    ``conv_mlp=True`` (MLP weights stored as ``(out, in, 1, 1)`` convs). ``in_timm``: timm has a model of this name.
+    ``paper_params_m``: the paper's parameter count in millions (1000-class classifier), None for ours.
+    """
+
+    name: str
+    depths: tuple[int, int, int, int]
+    dims: tuple[int, int, int, int]
+    timm_conv_mlp: bool
+    in_timm: bool = True
+    paper_params_m: float | None = None
+
+
+_VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("convnextv2_test", (1, 1, 2, 1), (8, 16, 24, 32), timm_conv_mlp=True, in_timm=False),
+    Variant("convnextv2_atto", (2, 2, 6, 2), (40, 80, 160, 320), timm_conv_mlp=True, paper_params_m=3.7),
+    Variant("convnextv2_femto", (2, 2, 6, 2), (48, 96, 192, 384), timm_conv_mlp=True, paper_params_m=5.2),
+    Variant("convnextv2_pico", (2, 2, 6, 2), (64, 128, 256, 512), timm_conv_mlp=True, paper_params_m=9.1),
+    Variant("convnextv2_nano", (2, 2, 8, 2), (80, 160, 320, 640), timm_conv_mlp=True, paper_params_m=15.6),
+    Variant("convnextv2_tiny", (3, 3, 9, 3), (96, 192, 384, 768), timm_conv_mlp=False, paper_params_m=28.6),
+    Variant("convnextv2_base", (3, 3, 27, 3), (128, 256, 512, 1024), timm_conv_mlp=False, paper_params_m=89.0),
+    Variant("convnextv2_large", (3, 3, 27, 3), (192, 384, 768, 1536), timm_conv_mlp=False, paper_params_m=198.0),
+    Variant("convnextv2_huge", (3, 3, 27, 3), (352, 704, 1408, 2816), timm_conv_mlp=False, paper_params_m=660.0),
+)}
+
+
+def list_models() -> list[str]:
+    """Names of all registered variants."""
+    return list(_VARIANTS)
+
+
+def canonical_name(name: str) -> str:
+    """``atto`` -> ``convnextv2_atto``; unknown names are a ``ValueError`` listing the known ones."""
+    key = name if name.startswith("convnextv2_") else f"convnextv2_{name}"
+    if key not in _VARIANTS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_VARIANTS)}")
+    return key
+
+
+def get_variant(name: str) -> Variant:
+    """The record of a variant by name (``convnextv2_atto`` or just ``atto``)."""
+    return _VARIANTS[canonical_name(name)]
+
+
+def variant_of(depths: tuple[int, ...], dims: tuple[int, ...]) -> str | None:
+    """The registered variant with these depths and widths, or None."""
+    return next((v.name for v in _VARIANTS.values() if v.depths == tuple(depths) and v.dims == tuple(dims)), None)
+
+
+def mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Default normalisation for ``in_chans`` input channels: ImageNet's for RGB, their channel means for one
+    channel, and the gray statistics repeated for any other count."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return GRAY_MEAN * in_chans, GRAY_STD * in_chans

@@ -1,0 +1,169 @@
+"""The FCMAE pretraining recipe: sparse-encoder FCMAE on unlabelled images, exporting the encoder as it goes.
+
+What differs from any other run (the loop itself is :class:`fcmae.train.trainer.Trainer`'s): the model is
+:func:`fcmae.models.fcmae.create_fcmae`; the data is the pretraining set with a random mask per sample (seeded like
+the augmentation); every parameter is optimised with weight decay on conv/linear weights only; the loss is the
+model's masked-patch MSE; every ``run.export_every_epochs`` epochs and at the end the encoder weights
+(``encoder.safetensors``) and a reconstruction figure (``reconstruction.png``, also a TensorBoard image) are written.
+With a ``monitor`` section the k-NN top-1 of the encoder's features is logged as ``knn_top1``
+(:mod:`fcmae.train.monitor`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fcmae.config import PretrainConfig, to_dict
+from fcmae.data.sampling import Sample
+from fcmae.models.masking import num_kept
+from fcmae.train.recipe import RecipeBase, RecipeParts, StepHook, TrainContext
+from fcmae.train.trainer import Trainer, param_groups
+
+
+def build_model(cfg: PretrainConfig) -> nn.Module:
+    """The FCMAE model a pretraining config describes."""
+    from fcmae.models.fcmae import create_fcmae
+
+    m = cfg.model
+    return create_fcmae(m.name, in_chans=m.in_chans, decoder_depth=m.decoder_depth,
+                        decoder_embed_dim=m.decoder_embed_dim, norm_pix_loss=m.norm_pix_loss,
+                        drop_path_rate=m.drop_path_rate, use_grn=m.use_grn, backend=m.backend)
+
+
+def export_encoder(model: nn.Module, cfg: PretrainConfig, path: Path, epoch: int, step: int) -> Path:
+    """Encoder weights in our dense layout (no final norm/head) + metadata, safetensors, written atomically."""
+    from fcmae.weights.files import save_state_dict
+
+    sd = {k: v.detach().cpu() for k, v in model.encoder.state_dict().items()}
+    meta = {"format": "fcmae-encoder", "layout": "dense", "variant": cfg.model.name,
+            "in_chans": str(cfg.model.in_chans), "image_size": str(cfg.data.input_size), "epoch": str(epoch),
+            "step": str(step), "config": json.dumps(to_dict(cfg))}
+    return save_state_dict(path, sd, meta)
+
+
+def load_pretraining_model(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]:
+    """An FCMAE model (encoder + decoder) from a pretraining run directory, one of its checkpoints, or a
+    ``model.safetensors`` written by one. The architecture comes from the run's ``config.yaml`` (searched upwards
+    from the weights) or the ``config`` metadata of the file. Returns ``(model in eval mode, PretrainConfig, file)``.
+    """
+    from fcmae.config import config_from_dict, load_config
+    from fcmae.weights.files import load_state_dict_file
+    from fcmae.weights.loader import WeightsError, resolve_weights_path
+
+    p = resolve_weights_path(path, run_files=())  # the encoder alone cannot rebuild the decoder
+    weights = p / "model.safetensors" if p.is_dir() else p
+    sd, meta = load_state_dict_file(weights)
+    cfg_path = next((d / "config.yaml" for d in weights.parents if (d / "config.yaml").is_file()), None)
+    if cfg_path is not None:
+        cfg = load_config(PretrainConfig, cfg_path)
+    elif "config" in meta:
+        cfg = config_from_dict(PretrainConfig, json.loads(meta["config"]))
+    else:
+        raise WeightsError(f"{weights}: cannot find the run's config.yaml to rebuild the model")
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise WeightsError(f"{weights}: not an FCMAE pretraining checkpoint of {cfg.model.name} "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), cfg, weights
+
+
+class PretrainRecipe(RecipeBase):
+    name = "pretrain"
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.monitor: Any = None
+        self.knn: dict[str, Any] = {}  # the last k-NN measurement
+
+    def setup(self) -> RecipeParts:
+        from fcmae.data import SeededSamples, build_pretrain_dataset
+
+        cfg = self.cfg
+        grid = (cfg.data.input_size // 32, cfg.data.input_size // 32)
+        base = build_pretrain_dataset(cfg.data, cfg.model.in_chans)
+        self.train_set = SeededSamples(base, seed=cfg.run.seed, labelled=False, mask_grid=grid,
+                                       mask_ratio=cfg.model.mask_ratio)
+        model = build_model(cfg)
+        return RecipeParts(model, self.train_set, param_groups(model, cfg.optim.weight_decay))
+
+    def after_prepare(self, ctx: TrainContext) -> None:
+        if ctx.is_main_process:  # fixed images and masks for every figure of the run
+            items = [self.train_set[i] for i in range(min(self.cfg.run.num_vis_images, len(self.train_set)))]
+            self.vis = (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]))
+            if self.cfg.monitor.train:
+                from fcmae.train.monitor import KnnMonitor
+
+                m, d = self.cfg.model, self.cfg.data
+                self.monitor = KnnMonitor(self.cfg.monitor, m.name, m.in_chans, d.input_size, m.use_grn,
+                                          d.path if d.source == "fashion_mnist" else None)
+
+    def measure_knn(self, ctx: TrainContext) -> None:
+        """k-NN top-1 of the current encoder: logged (metrics.jsonl, TensorBoard) and printed; main process."""
+        if self.monitor is None or self.knn.get("step") == ctx.state.step:
+            return
+        st = ctx.state
+        self.knn = {"step": st.step, "epoch": st.epoch, **self.monitor.measure(ctx.unwrapped.encoder)}
+        ctx.log(self.knn)
+        ctx.say(f"k-NN monitor at step {st.step}: top-1 {self.knn['knn_top1']:.2f} "
+                    f"({self.knn['knn_seconds']:.1f} s)")
+
+    def after_step(self, ctx: TrainContext) -> None:
+        every = self.cfg.monitor.every_steps
+        if every and ctx.state.step % every == 0:
+            self.measure_knn(ctx)
+
+    def describe(self, ctx: TrainContext) -> list[str]:
+        acc, d = ctx.accelerator, self.cfg.data
+        return [f"fcmae pretrain: {self.cfg.model.name}, {len(self.train_set)} images, input {d.input_size}x"
+                f"{d.input_size}, {acc.num_processes} process(es) on {acc.device}, mixed precision "
+                f"{ctx.mixed_precision}"]
+
+    def loss(self, model: nn.Module, batch: Sample) -> Tensor:
+        """batch: images ``(B, C, H, W)``, target = masks ``(B, L)`` bool drawn by ``SeededSamples`` with
+        ``model.mask_ratio``, keeping ``num_kept(L, mask_ratio)`` cells each (so the model need not read the count
+        back from the device)."""
+        mask = batch.target
+        return model(batch.image, mask, num_keep=num_kept(mask.shape[1], self.cfg.model.mask_ratio))["loss"]
+
+    def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
+        knn_every = self.cfg.monitor.every_epochs
+        if knn_every and ctx.state.epoch % knn_every == 0:
+            self.measure_knn(ctx)
+        every, st = self.cfg.run.export_every_epochs, ctx.state
+        if every and st.epoch % every == 0 and st.step < ctx.schedule.last_step:
+            self.export(ctx)
+
+    def export(self, ctx: TrainContext) -> dict[str, Any]:
+        """Encoder weights and the reconstruction figure (main process)."""
+        if not ctx.is_main_process:
+            return {}
+        from fcmae.evaluation.figures import save_reconstruction_figure
+        from fcmae.models.registry import mean_std
+
+        model, out = ctx.unwrapped, ctx.out_dir
+        export_encoder(model, self.cfg, out / "encoder.safetensors", ctx.state.epoch, ctx.state.step)
+        dev = next(model.parameters()).device
+        mean, std = mean_std(self.cfg.model.in_chans)
+        fig = save_reconstruction_figure(model, self.vis[0].to(dev), self.vis[1].to(dev), mean, std,
+                                         out / "reconstruction.png")
+        ctx.image("reconstruction", fig, ctx.state.step)
+        return {"figure": str(fig), "encoder": str(out / "encoder.safetensors")}
+
+    def finish(self, ctx: TrainContext) -> dict[str, Any]:
+        out = self.export(ctx)
+        if self.monitor is not None:
+            self.measure_knn(ctx)
+            out.update(knn_top1=self.knn["knn_top1"], knn_step=self.knn["step"])
+        return out
+
+
+def run_pretraining(cfg: PretrainConfig, hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
+    """Train FCMAE as configured; returns the summary (output paths, final loss, throughput)."""
+    return Trainer(cfg, PretrainRecipe(cfg), hooks).fit()
