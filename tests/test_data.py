@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
@@ -32,6 +33,9 @@ from fcmae.data import (
     mean_std,
     read_idx,
 )
+from fcmae.data.decode import is_complete_jpeg, pil_to_u8, read_image_u8
+from fcmae.data.sampling import SeededSamples
+from fcmae.data.transforms import DeviceNormalize, crop_params
 
 
 def _rgb(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
@@ -106,9 +110,32 @@ def test_every_mode_decodes_to_model_mode(image_folder: Path, in_chans: int) -> 
 
 
 def test_image_files_shapes(image_folder: Path) -> None:
-    ds = ImageFiles(find_images(image_folder), build_pretrain_transform(32, (0.5, 1.0), 0.5, 1), in_chans=1)
-    x, n = ds[3]
-    assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and n == 0
+    for reader in (None, read_image_u8):
+        ds = ImageFiles(find_images(image_folder), build_pretrain_transform(32, (0.5, 1.0), 0.5, 1), in_chans=1,
+                        reader=reader)
+        x, n = ds[3]
+        assert x.shape == (1, 32, 32) and x.dtype == torch.uint8 and n == 0
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_fast_decoder_matches_pil_on_every_odd_file(image_folder: Path, in_chans: int) -> None:
+    """The uint8 reader (libjpeg-turbo for complete JPEGs, PIL for the rest) gives PIL's pixels for every mode and
+    format (CMYK JPEG, 16-bit, palette, alpha, TIFF, WebP, BMP), and refuses truncated or corrupt files as PIL does."""
+    for p in find_images(image_folder):
+        ours = read_image_u8(p, in_chans)
+        pil = pil_to_u8(load_image(p, in_chans))
+        assert ours.shape == pil.shape and ours.dtype == torch.uint8, p
+        # JPEGs go through another libjpeg build: at most a few levels apart, on average far less than one; gray
+        # comes straight from the JPEG's luma channel, where PIL converts its decoded RGB (a few edge pixels further)
+        diff = (ours.int() - pil.int()).abs()
+        assert diff.max() <= (8 if in_chans == 3 else 32) and diff.float().mean() <= 0.5, (p, diff.max(), diff.mean())
+    one = image_folder / "one.jpg"
+    Image.new("RGB", (1, 1), (200, 10, 30)).save(one, quality=95)
+    assert read_image_u8(one, 3).shape == (3, 1, 1)
+    for bad in _add_bad_files(image_folder):
+        with pytest.raises(BadImageError, match=bad.name):
+            read_image_u8(bad, in_chans)
+    assert is_complete_jpeg(_jpeg_bytes()) and not is_complete_jpeg(_jpeg_bytes()[:-100])
 
 
 # --------------------------------------------------------------------------------------------- bad files
@@ -265,10 +292,11 @@ def test_demo_asset_contents() -> None:
 @pytest.mark.parametrize("in_chans", [1, 3])
 def test_demo_pretrain_dataset_normalised(in_chans: int) -> None:
     ds = build_pretrain_dataset(DataConfig(source="demo", input_size=64), in_chans)
-    x = torch.stack([ds[i][0] for i in range(16)])
-    assert x.shape == (16, in_chans, 64, 64) and x.dtype == torch.float32
+    u8 = torch.stack([ds[i][0] for i in range(16)])
+    assert u8.shape == (16, in_chans, 64, 64) and u8.dtype == torch.uint8  # workers hand over uint8
     assert all(ds[i][1] == 0 for i in range(4))
     mean, std = mean_std(in_chans)
+    x = DeviceNormalize(mean, std)(u8)
     pixels = x * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5 and x.min() < -1.5 and x.max() > 1.5
     if in_chans == 3:  # gray replicated: all channels carry the same pixels
@@ -308,3 +336,46 @@ def test_finetune_rgb_ops_keep_gray_images_gray() -> None:
 def test_bad_in_chans() -> None:
     with pytest.raises(ValueError, match="in_chans must be 1 or 3"):
         build_pretrain_transform(32, in_chans=4)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_device_normalisation_equals_the_float_pipeline(in_chans: int) -> None:
+    """uint8 crop normalised on the device == ToTensor + Normalize of the same crop (the old pipeline's float path)."""
+    mean, std = mean_std(in_chans)
+    crop = torch.randint(0, 256, (4, in_chans, 32, 48), dtype=torch.uint8)
+    old = torch.stack([torchvision.transforms.Compose([torchvision.transforms.ToTensor(),
+                                                       torchvision.transforms.Normalize(mean, std)])(
+        Image.fromarray(c.permute(1, 2, 0).squeeze(-1).numpy())) for c in crop])
+    new = DeviceNormalize(mean, std)(crop)
+    assert new.dtype == torch.float32 and (new - old).abs().max() <= 1e-6
+    assert DeviceNormalize(mean, std)(new) is new  # float input passes through
+
+
+def test_pretrain_augmentation_is_a_pure_function_of_seed_epoch_index(image_folder: Path) -> None:
+    """No global RNG involved: any order, any global state, fresh dataset objects (as in workers) give the same
+    crop, flip and mask for (seed, epoch, index); another epoch or seed gives another one."""
+    def make(seed: int) -> SeededSamples:
+        base = ImageFiles(find_images(image_folder), build_pretrain_transform(32, (0.2, 1.0), 0.5, 3), in_chans=3,
+                          reader=read_image_u8)
+        return SeededSamples(base, seed=seed, labelled=False, mask_grid=(2, 2), mask_ratio=0.5,
+                             seed_globals=False)
+
+    a, b = make(7), make(7)
+    first = [a[i].image for i in range(len(a))]
+    torch.manual_seed(123)
+    np.random.seed(5)
+    again = [b[i].image for i in reversed(range(len(b)))][::-1]
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert all(torch.equal(a[i].target, b[i].target) for i in range(len(a)))  # masks too
+    b.use_epoch(1)
+    assert not all(torch.equal(x, b[i].image) for i, x in enumerate(first))
+    assert not all(torch.equal(x, make(8)[i].image) for i, x in enumerate(first))
+
+
+def test_crop_params_follow_the_random_resized_crop_rule() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = crop_params(375, 500, (0.2, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top <= 375 - h and 0 <= left <= 500 - w
+        assert 0.2 * 375 * 500 * 0.95 <= h * w <= 375 * 500 and 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
+    assert crop_params(10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), rng) == (0, 493, 10, 13)  # no fit: central crop

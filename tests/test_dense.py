@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from conftest import randomize_
 
 from fcmae.models.convnextv2 import ConvNeXtV2
-from fcmae.models.registry import list_models
+from fcmae.models.registry import get_variant, list_models
 from fcmae.weights.layouts import dense_to_timm, timm_to_dense
 from fcmae.weights.loader import create_model
 
-# ImageNet-1k classifier sizes from the ConvNeXt V2 paper (Table 7 / model zoo), millions of parameters
+# ImageNet-1k classifier sizes from the ConvNeXt V2 paper (Table 7 / model zoo), millions of parameters; pinned
+# here independently of the registry's own record of them, which the test below checks as well
 PAPER_PARAMS_M = {
     "convnextv2_atto": 3.7,
     "convnextv2_femto": 5.2,
@@ -51,10 +52,42 @@ def _timm_pair(name: str, in_chans: int = 3, seed: int = 0) -> tuple[ConvNeXtV2,
 # ---------------------------------------------------------------------------------------------- sizes
 
 
-@pytest.mark.parametrize("name", list(PAPER_PARAMS_M))
-def test_param_count_matches_paper(name, monkeypatch):
-    n = _count(_meta_model(name, monkeypatch, num_classes=1000))
-    assert abs(n / 1e6 - PAPER_PARAMS_M[name]) <= 0.01 * PAPER_PARAMS_M[name], f"{name}: {n / 1e6:.3f}M"
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_variant_builds_with_the_papers_size(name, monkeypatch):
+    """Every variant is built from its registry record alone; the paper's variants have the paper's size."""
+    v = get_variant(name)
+    model = _meta_model(name, monkeypatch, num_classes=1000)
+    assert (model.depths, model.dims) == (v.depths, v.dims)
+    assert v.paper_params_m == PAPER_PARAMS_M.get(name)
+    if v.paper_params_m is not None:
+        n = _count(model)
+        assert abs(n / 1e6 - v.paper_params_m) <= 0.01 * v.paper_params_m, f"{name}: {n / 1e6:.3f}M"
+    assert v.in_timm == timm.is_model(name)
+    if v.in_timm:  # timm's conv-MLP flag for the variant is the one the registry records
+        with torch.device("meta"):
+            theirs = timm.create_model(name, pretrained=False)
+        assert (theirs.state_dict()["stages.0.blocks.0.mlp.fc1.weight"].ndim == 4) == v.timm_conv_mlp
+
+
+def test_forward_intermediates_and_feature_info_match_timm():
+    """timm's backbone interface: the same stage maps as timm's model with the same weights, and feature_info."""
+    ours = randomize_(create_model("convnextv2_atto", num_classes=0), scale=0.05).eval()
+    theirs = timm.create_model("convnextv2_atto", pretrained=False, num_classes=0).eval()
+    theirs.load_state_dict(dense_to_timm(dict(ours.state_dict()), "convnextv2_atto"), strict=True)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        final, maps = ours.forward_intermediates(x)
+        ref = theirs.forward_intermediates(x, intermediates_only=True)
+    assert [m.shape for m in maps] == [r.shape for r in ref]
+    for m, r in zip(maps, ref):
+        torch.testing.assert_close(m, r, rtol=1e-4, atol=1e-5)
+    assert torch.equal(final, maps[-1])
+    assert [f["num_chs"] for f in ours.feature_info] == [f["num_chs"] for f in theirs.feature_info]
+    assert [f["reduction"] for f in ours.feature_info] == [f["reduction"] for f in theirs.feature_info]
+    last2 = ours.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert len(last2) == 2 and torch.equal(last2[1], maps[-1])
+    with pytest.raises(ValueError, match="stage indices"):
+        ours.forward_intermediates(x, indices=[4])
 
 
 def test_meta_build_has_real_shapes(monkeypatch):

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from fcmae.data.decode import read_image_u8
 from fcmae.data.fashion_mnist import DATASET_DEFAULT_FASHION_MNIST, DemoImages, DropLabels, FashionMNIST
 from fcmae.data.images import DataError, ImageFiles, LabeledImageFolder, find_images
 from fcmae.data.sampling import SeededSamples
@@ -40,7 +41,7 @@ def build_pretrain_dataset(cfg: Any, in_chans: int) -> Dataset:
             root = root / "train"
         paths = find_images(root)
         # limit the paths (not a Subset) so replacements for bad files come from inside the limit too
-        return ImageFiles(paths[:limit] if limit else paths, tf, in_chans, cfg.on_bad_image)
+        return ImageFiles(paths[:limit] if limit else paths, tf, in_chans, cfg.on_bad_image, reader=read_image_u8)
     if cfg.source == "fashion_mnist":
         ds: Dataset = DropLabels(FashionMNIST(cfg.path or DATASET_DEFAULT_FASHION_MNIST, "train", tf, in_chans))
     elif cfg.source == "demo":

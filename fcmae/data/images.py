@@ -159,7 +159,7 @@ class ImageFiles(Dataset):
     """
 
     def __init__(self, paths: Sequence[str | Path], transform: Transform | None = None, in_chans: int = 3,
-                 on_bad_image: OnBadImage = "skip") -> None:
+                 on_bad_image: OnBadImage = "skip", reader: Callable[[Path, int], Any] | None = None) -> None:
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         self.paths = [Path(p) for p in paths]
@@ -168,13 +168,16 @@ class ImageFiles(Dataset):
         self.transform = transform
         self.in_chans = check_in_chans(in_chans)
         self.on_bad_image = on_bad_image
+        # how a file is decoded: load_image (a PIL image, for PIL-based transforms such as timm's) by default, or
+        # fcmae.data.decode.read_image_u8 (a uint8 tensor through the fast JPEG path) for our uint8 transforms
+        self.reader = reader or load_image
         self._bad: set[int] = set()  # indices found unreadable in this process: not decoded (or logged) again
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
-        """The image at ``index`` or its replacement: ``(PIL image, index actually used)``."""
+    def _load(self, index: int) -> tuple[Any, int]:
+        """The image at ``index`` or its replacement: ``(PIL image or uint8 tensor, index actually used)``."""
         n = len(self.paths)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
@@ -184,7 +187,7 @@ class ImageFiles(Dataset):
             if j in self._bad:
                 continue
             try:
-                return load_image(self.paths[j], self.in_chans), j
+                return self.reader(self.paths[j], self.in_chans), j
             except BadImageError as exc:
                 if self.on_bad_image == "error":
                     raise

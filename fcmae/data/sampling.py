@@ -19,6 +19,16 @@ from torch.utils.data import Dataset, Sampler
 
 from fcmae.models.masking import MASK_RATIO, random_masking
 
+# the generator of the sample being produced (set by SeededSamples around base[...]); DataLoader workers are
+# processes, so one per process suffices. None outside a seeded item: transforms then use a fresh generator.
+_CURRENT: np.random.Generator | None = None
+
+
+def sample_generator() -> np.random.Generator:
+    """The random generator a transform draws its parameters from: the current sample's, seeded by ``(seed,
+    epoch, index)``, when called inside ``SeededSamples``; else an unseeded one. Cheap (no global seeding)."""
+    return _CURRENT if _CURRENT is not None else np.random.default_rng()
+
 
 class Sample(NamedTuple):
     """One training item; batched by the DataLoader into the same type with a leading batch axis.
@@ -72,21 +82,25 @@ class SeededSamples(Dataset):
     Output: a ``Sample`` ``(image (C, H, W), label int, n_skipped int)`` with ``label = -1`` for unlabelled data,
     or with ``mask_grid`` set ``(image, mask (h*w,) bool, n_skipped)`` (pretraining; ``True`` = removed).
 
-    With ``seed`` set, every item draws from Python's, NumPy's and torch's global generators seeded by
-    ``(seed, epoch, index)`` (timm's and torchvision's transforms use all three) and their previous states are
-    restored afterwards, so a sample does not depend on workers or on what ran before. Set ``epoch`` before
-    iterating an epoch with ``use_epoch`` (DataLoader workers are re-created every epoch, so they see it).
+    With ``seed`` set, every item's randomness is a function of ``(seed, epoch, index)`` only, so a sample does not
+    depend on workers or on what ran before: our transforms draw from ``sample_generator()`` (a NumPy generator
+    seeded per sample: microseconds). ``seed_globals`` additionally seeds Python's, NumPy's and torch's CPU
+    generators for the item and restores them afterwards, for third-party transforms that draw from them (timm's
+    and torchvision's); only torch's CPU generator is touched (``torch.manual_seed`` would also queue a CUDA seed,
+    ~0.6 ms per call in a DataLoader worker of a CUDA build). Set the epoch with ``use_epoch`` before iterating
+    (DataLoader workers are re-created every epoch, so they see it).
     """
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None = None, seed: int | None = None,
-                 labelled: bool = True, mask_grid: tuple[int, int] | None = None, mask_ratio: float = MASK_RATIO
-                 ) -> None:
+                 labelled: bool = True, mask_grid: tuple[int, int] | None = None, mask_ratio: float = MASK_RATIO,
+                 seed_globals: bool = True) -> None:
         self.base = base
         self.indices = list(indices) if indices is not None else list(range(len(base)))  # type: ignore[arg-type]
         self.seed = seed
         self.labelled = labelled
         self.mask_grid = mask_grid
         self.mask_ratio = mask_ratio
+        self.seed_globals = seed_globals
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -97,16 +111,25 @@ class SeededSamples(Dataset):
         self.epoch = epoch
 
     def _seeded_item(self, index: int, s: int) -> tuple:
+        global _CURRENT
+        _CURRENT = np.random.default_rng(s)
+        if not self.seed_globals:
+            try:
+                return self.base[self.indices[index]]
+            finally:
+                _CURRENT = None
         py_state, np_state = random.getstate(), np.random.get_state()
+        torch_state = torch.default_generator.get_state()
         try:
             random.seed(s)
             np.random.seed(s & 0xFFFFFFFF)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
-                return self.base[self.indices[index]]
+            torch.default_generator.manual_seed(s)
+            return self.base[self.indices[index]]
         finally:
+            _CURRENT = None
             random.setstate(py_state)
             np.random.set_state(np_state)
+            torch.default_generator.set_state(torch_state)
 
     def __getitem__(self, index: int) -> Sample:
         s = sample_seed(self.seed, self.epoch, index) if self.seed is not None else None

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from fcmae.config import PretrainConfig, to_dict
 from fcmae.data.sampling import Sample
+from fcmae.data.transforms import DeviceNormalize
 from fcmae.models.masking import num_kept
+from fcmae.models.registry import mean_std
 from fcmae.train.recipe import RecipeBase, RecipeParts, StepHook, TrainContext
 from fcmae.train.trainer import Trainer, param_groups
 
@@ -81,6 +83,7 @@ class PretrainRecipe(RecipeBase):
         self.cfg = cfg
         self.monitor: Any = None
         self.knn: dict[str, Any] = {}  # the last k-NN measurement
+        self.normalize = DeviceNormalize(*mean_std(cfg.model.in_chans))
 
     def setup(self) -> RecipeParts:
         from fcmae.data import SeededSamples, build_pretrain_dataset
@@ -88,15 +91,17 @@ class PretrainRecipe(RecipeBase):
         cfg = self.cfg
         grid = (cfg.data.input_size // 32, cfg.data.input_size // 32)
         base = build_pretrain_dataset(cfg.data, cfg.model.in_chans)
+        # our uint8 transforms draw from the per-sample generator: no global seeding needed
         self.train_set = SeededSamples(base, seed=cfg.run.seed, labelled=False, mask_grid=grid,
-                                       mask_ratio=cfg.model.mask_ratio)
+                                       mask_ratio=cfg.model.mask_ratio, seed_globals=False)
         model = build_model(cfg)
         return RecipeParts(model, self.train_set, param_groups(model, cfg.optim.weight_decay))
 
     def after_prepare(self, ctx: TrainContext) -> None:
         if ctx.is_main_process:  # fixed images and masks for every figure of the run
             items = [self.train_set[i] for i in range(min(self.cfg.run.num_vis_images, len(self.train_set)))]
-            self.vis = (torch.stack([it[0] for it in items]), torch.stack([it[1] for it in items]))
+            imgs, masks = torch.stack([it.image for it in items]), torch.stack([it.target for it in items])
+            self.vis = (self.normalize(imgs), masks)
             if self.cfg.monitor.train:
                 from fcmae.train.monitor import KnnMonitor
 
@@ -126,11 +131,12 @@ class PretrainRecipe(RecipeBase):
                 f"{ctx.mixed_precision}"]
 
     def loss(self, model: nn.Module, batch: Sample) -> Tensor:
-        """batch: images ``(B, C, H, W)``, target = masks ``(B, L)`` bool drawn by ``SeededSamples`` with
+        """batch: images ``(B, C, H, W)`` uint8, target = masks ``(B, L)`` bool drawn by ``SeededSamples`` with
         ``model.mask_ratio``, keeping ``num_kept(L, mask_ratio)`` cells each (so the model need not read the count
         back from the device)."""
         mask = batch.target
-        return model(batch.image, mask, num_keep=num_kept(mask.shape[1], self.cfg.model.mask_ratio))["loss"]
+        images = self.normalize(batch.image)  # uint8 from the workers, normalised on the device
+        return model(images, mask, num_keep=num_kept(mask.shape[1], self.cfg.model.mask_ratio))["loss"]
 
     def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
         knn_every = self.cfg.monitor.every_epochs
@@ -145,7 +151,6 @@ class PretrainRecipe(RecipeBase):
         if not ctx.is_main_process:
             return {}
         from fcmae.evaluation.figures import save_reconstruction_figure
-        from fcmae.models.registry import mean_std
 
         model, out = ctx.unwrapped, ctx.out_dir
         export_encoder(model, self.cfg, out / "encoder.safetensors", ctx.state.epoch, ctx.state.step)

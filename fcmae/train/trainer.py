@@ -253,7 +253,7 @@ class Trainer:
 
     def _accelerator(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DataLoaderConfiguration, set_seed
 
         run = self.cfg.run
         if run.threads > 0:
@@ -261,8 +261,11 @@ class Trainer:
         self.mixed_precision = resolve_mixed_precision(run.mixed_precision)
         # several processes on a machine without CUDA: accelerate only picks gloo/MULTI_CPU when told cpu=True
         cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        # non_blocking: batches come from pinned memory (pin_memory on CUDA) and are copied without draining the
+        # device queue; accelerate's default copies block three times per micro-step
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=run.accum_iter,
-                                       step_scheduler_with_optimizer=False, cpu=cpu_ddp)
+                                       step_scheduler_with_optimizer=False, cpu=cpu_ddp,
+                                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
         set_seed(run.seed)
 
     def _loader(self) -> torch.utils.data.DataLoader:

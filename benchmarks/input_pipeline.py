@@ -1,0 +1,162 @@
+"""Input-pipeline throughput per core: the pretraining dataset before and after, fine-tuning, decoders.
+
+Makes ImageNet-like JPEGs from the natural photos scikit-image ships (cropped and rescaled to 500x375 and 400x500,
+quality 90), then measures images/s with one thread and ``num_workers=0`` (what one DataLoader worker does),
+every path in the same process, interleaved over several rounds (best round reported):
+
+- ``before``: the pretraining dataset as the previous release built it (kept here as the baseline): PIL decode,
+  torchvision's RandomResizedCrop on the PIL image, ToTensor + Normalize to float32, every sample seeded through the
+  global ``random`` / ``numpy`` / ``torch.manual_seed`` generators;
+- ``after``: today's pretraining dataset (``fcmae.data.build_pretrain_dataset``'s pieces): libjpeg-turbo decode to
+  uint8, crop then resize on uint8, per-sample NumPy generator, uint8 out (normalised on the device);
+- ``finetune``: the fine-tuning training set (timm RandAugment + random erasing) as ``build_finetune_data`` builds it;
+- ``pil_decode``: PIL decode alone (the reference the new path is held against);
+- ``gpu_decode_cpu_form``: ``decode_jpeg_batch`` (the ``data.decode=gpu`` path) run with ``device="cpu"``, then the
+  same crop/resize on the decoded tensors.
+
+    python benchmarks/input_pipeline.py [--images 300] [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fcmae.data import ImageFiles, SeededSamples, build_finetune_transform, build_pretrain_transform  # noqa: E402
+from fcmae.data.decode import decode_jpeg_batch, read_image_u8  # noqa: E402
+from fcmae.data.images import load_image  # noqa: E402
+from fcmae.data.sampling import sample_seed  # noqa: E402
+from fcmae.models.masking import random_masking  # noqa: E402
+from fcmae.models.registry import mean_std  # noqa: E402
+
+SIZES = ((500, 375), (400, 500))  # ImageNet's typical landscape and portrait shapes
+# the colour photos that ship inside scikit-image (others need a download)
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "colorwheel", "cat")
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` JPEGs (quality 90) cut from scikit-image's colour sample photos at random, rescaled to ImageNet sizes."""
+    import skimage.data as sd
+
+    photos = []
+    for name in PHOTOS:
+        try:
+            a = getattr(sd, name)()
+        except (AttributeError, ImportError, OSError):  # missing in this version, or only downloadable
+            continue
+        if a.ndim == 3 and a.shape[2] == 3 and min(a.shape[:2]) >= 256:
+            photos.append(Image.fromarray(a))
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        img, (w, h) = photos[i % len(photos)], SIZES[i % 2]
+        cw = int(min(img.width, img.height * w / h) * rng.uniform(0.6, 1.0))
+        ch = int(cw * h / w)
+        x0, y0 = int(rng.integers(0, img.width - cw + 1)), int(rng.integers(0, img.height - ch + 1))
+        out = folder / f"img_{i:05d}.jpg"
+        img.resize((w, h), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch)).save(out, quality=90)
+        paths.append(out)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- the old pipeline
+class _BaselineSeeded(SeededSamples):
+    """The previous release's per-sample seeding: the global generators, ``torch.manual_seed`` included."""
+
+    def _seeded_item(self, index: int, s: int) -> tuple:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            random.seed(s)
+            np.random.seed(s & 0xFFFFFFFF)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                return self.base[self.indices[index]]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _baseline_transform(size: int):
+    from torchvision import transforms as T
+
+    mean, std = mean_std(3)
+    return T.Compose([T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(0.5), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def build_paths(paths: list[Path], size: int) -> dict:
+    """name -> a callable that processes every image once."""
+    grid = (size // 32, size // 32)
+    before = _BaselineSeeded(ImageFiles(paths, _baseline_transform(size), 3), seed=0, labelled=False,
+                             mask_grid=grid)
+    after = SeededSamples(ImageFiles(paths, build_pretrain_transform(size), 3, reader=read_image_u8), seed=0,
+                          labelled=False, mask_grid=grid, seed_globals=False)
+    finetune = SeededSamples(ImageFiles(paths, build_finetune_transform(size, 3), 3), seed=0, labelled=False)
+    crop = build_pretrain_transform(size)
+    datas = [p.read_bytes() for p in paths]
+
+    def gpu_form() -> None:
+        for i in range(0, len(datas), 32):
+            for j, x in enumerate(decode_jpeg_batch(datas[i:i + 32], 3, "cpu")):
+                random_masking(1, grid, 0.6, generator=torch.Generator().manual_seed(sample_seed(0, 0, i + j)))
+                crop(x)
+
+    def each(ds):
+        return lambda: [ds[i] for i in range(len(ds))]
+
+    return {"before": each(before), "after": each(after), "finetune": each(finetune),
+            "pil_decode": lambda: [load_image(p, 3) for p in paths], "gpu_decode_cpu_form": gpu_form}
+
+
+def measure(paths: list[Path], size: int, rounds: int) -> dict[str, float]:
+    """Best images/s of each path over ``rounds`` interleaved rounds."""
+    fns = build_paths(paths, size)
+    for fn in fns.values():  # warm-up: page cache, lazy imports
+        fn()
+    best = dict.fromkeys(fns, 0.0)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = max(best[name], len(paths) / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_images(Path(tmp), args.images)
+        kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
+        res = measure(paths, args.size, args.rounds)
+    load = os.getloadavg()[0]
+    print(f"{args.images} JPEGs (mean {kb:.0f} KB), {args.size} px, 1 thread, num_workers=0, best of {args.rounds} "
+          f"rounds, load average {load:.1f}")
+    print("| path | images/s per core | x before |\n|---|---|---|")
+    for name, ips in res.items():
+        print(f"| {name} | {ips:.0f} | {ips / res['before']:.2f} |")
+    print(f"after / before = {res['after'] / res['before']:.2f}x (target >= 2.5); "
+          f"after / PIL decode alone = {res['after'] / res['pil_decode']:.2f} (target >= 0.6)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"images_per_s": res, "mean_kb": kb, "load": load}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
