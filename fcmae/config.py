@@ -54,6 +54,9 @@ class DataConfig:
     num_workers: int = 2
     on_bad_image: Literal["skip", "error"] = "skip"
     limit: int = 0  # use only the first N training images (0 = all), for quick experiments
+    # data.source=webdataset: the shards' index.json when it is not beside them (e.g. for pipe:/URL shards)
+    shard_index: str = ""
+    shuffle_buffer: int = 1000  # webdataset: samples shuffled in memory per reader stream
 
 
 @dataclass
@@ -114,6 +117,8 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
     _check(0.0 <= d.hflip <= 1.0, "data.hflip", d.hflip, "must be in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.limit >= 0, "data.limit", d.limit, "must be >= 0 (0 = all)")
+    _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
+    _check(d.source != "webdataset" or d.limit == 0, "data.limit", d.limit, "is not available with webdataset shards")
     _check(o.blr > 0 or (o.lr or 0) > 0, "optim.blr", o.blr, "must be > 0")
     _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "must be > 0 (or null to use optim.blr)")
     _check(0.0 <= o.min_lr, "optim.min_lr", o.min_lr, "must be >= 0")
@@ -150,7 +155,8 @@ class PretrainModelConfig(ModelConfig):
 @dataclass
 class PretrainDataConfig(DataConfig):
     # demo: images shipped in the package; folder: any folder of images (recursive); imagenet: <path>/train;
-    # fashion_mnist: IDX files in `path` (default /usr/share/datasets/fashion-mnist)
+    # fashion_mnist: IDX files in `path` (default /usr/share/datasets/fashion-mnist); webdataset: tar shards in
+    # `path` (a folder, a brace pattern or a pipe:/URL spec; see fcmae shard)
     source: str = "imagenet"
 
 
@@ -191,7 +197,7 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
-        _validate_common(self, ("demo", "folder", "imagenet", "fashion_mnist"))
+        _validate_common(self, ("demo", "folder", "imagenet", "fashion_mnist", "webdataset"))
         m, d, r = self.model, self.data, self.run
         _check(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "must be in [0, 1)")
         _check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth, "must be >= 0")
@@ -226,7 +232,8 @@ class FinetuneModelConfig(ModelConfig):
 @dataclass
 class FinetuneDataConfig(DataConfig):
     # imagenet: <path>/train and <path>/val class folders; folder: train_path / val_path class folders;
-    # fashion_mnist: train/test IDX files in `path` (default /usr/share/datasets/fashion-mnist)
+    # fashion_mnist: train/test IDX files in `path` (default /usr/share/datasets/fashion-mnist); webdataset:
+    # labelled tar shards (`cls`) in train_path / val_path (folders, brace patterns or pipe:/URL specs)
     source: str = "imagenet"
     train_path: str = ""
     val_path: str = ""
@@ -297,7 +304,7 @@ class FinetuneConfig:
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
     def validate(self) -> None:
-        _validate_common(self, ("imagenet", "folder", "fashion_mnist"))
+        _validate_common(self, ("imagenet", "folder", "fashion_mnist", "webdataset"))
         m, d, o, x, r = self.model, self.data, self.optim, self.mixup, self.run
         _check(m.num_classes >= 0, "model.num_classes", m.num_classes, "must be >= 0 (0 = from the data)")
         _check(0.0 < d.crop_pct <= 1.0, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
@@ -305,9 +312,13 @@ class FinetuneConfig:
         _check(d.recount >= 1, "data.recount", d.recount, "must be >= 1")
         if d.source == "imagenet":
             _check(d.path != "", "data.path", d.path, "is required for data.source=imagenet (<path>/train, /val)")
-        if d.source == "folder":
-            _check(d.train_path != "", "data.train_path", d.train_path, "is required for data.source=folder")
-            _check(d.val_path != "", "data.val_path", d.val_path, "is required for data.source=folder")
+        if d.source in ("folder", "webdataset"):
+            _check(d.train_path != "", "data.train_path", d.train_path, f"is required for data.source={d.source}")
+            _check(d.val_path != "", "data.val_path", d.val_path, f"is required for data.source={d.source}")
+        if d.source == "webdataset":
+            _check(d.train_fraction == 1.0 and d.labels_per_class == 0 and d.val_limit == 0, "data.train_fraction",
+                   (d.train_fraction, d.labels_per_class, d.val_limit),
+                   "label budgets and val_limit are not available with webdataset shards (shard a subset instead)")
         _check(0.0 < d.train_fraction <= 1.0, "data.train_fraction", d.train_fraction, "must be in (0, 1]")
         _check(d.labels_per_class >= 0, "data.labels_per_class", d.labels_per_class, "must be >= 0")
         _check(d.val_limit >= 0, "data.val_limit", d.val_limit, "must be >= 0")

@@ -35,7 +35,7 @@ from fcmae.data import (
 )
 from fcmae.data.decode import is_complete_jpeg, pil_to_u8, read_image_u8
 from fcmae.data.sampling import SeededSamples
-from fcmae.data.transforms import DeviceNormalize, crop_params
+from fcmae.data.transforms import DeviceNormalize, DeviceRandomErasing, crop_params
 
 
 def _rgb(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
@@ -312,9 +312,12 @@ def test_finetune_and_eval_transforms(in_chans: int) -> None:
     img = img.convert("L") if in_chans == 1 else img
     ft = build_finetune_transform(64, in_chans)
     outs = [ft(img) for _ in range(4)]
-    assert all(o.shape == (in_chans, 64, 64) and o.dtype == torch.float32 for o in outs)
+    assert all(o.shape == (in_chans, 64, 64) and o.dtype == torch.uint8 for o in outs)
     assert not torch.equal(outs[0], outs[1])
-    ft_plain = build_finetune_transform(32, in_chans, auto_augment=None, reprob=0.0)
+    x = DeviceNormalize(*mean_std(in_chans))(torch.stack(outs))
+    erased = DeviceRandomErasing(1.0, "pixel", 1)(x.clone())
+    assert erased.shape == x.shape and (erased != x).any() and torch.equal(DeviceRandomErasing(0.0)(x), x)
+    ft_plain = build_finetune_transform(32, in_chans, auto_augment=None)
     assert ft_plain(img.convert("RGB")).shape == (in_chans, 32, 32)  # an RGB input for a gray model works too
     ev = build_eval_transform(48, in_chans=in_chans)
     y = ev(img)
@@ -327,10 +330,10 @@ def test_finetune_rgb_ops_keep_gray_images_gray() -> None:
     """The 1-channel finetune path relies on timm's RandAugment keeping replicated gray channels equal."""
     torch.manual_seed(0)
     gray = _rgb(1, (80, 60)).convert("L")
-    to_rgb, timm_tf, _ = build_finetune_transform(48, 1, reprob=0.0).transforms  # the three channels before the cut
+    to_rgb, timm_tf, to_u8, _ = build_finetune_transform(48, 1).transforms  # the three channels before the cut
     for _ in range(30):
-        x = timm_tf(to_rgb(gray))
-        assert torch.allclose(x[0], x[1], atol=1e-5) and torch.allclose(x[0], x[2], atol=1e-5)
+        x = to_u8(timm_tf(to_rgb(gray)))
+        assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
 
 
 def test_bad_in_chans() -> None:

@@ -20,7 +20,12 @@ from fcmae.data.decode import read_image_u8
 from fcmae.data.fashion_mnist import DATASET_DEFAULT_FASHION_MNIST, DemoImages, DropLabels, FashionMNIST
 from fcmae.data.images import DataError, ImageFiles, LabeledImageFolder, find_images
 from fcmae.data.sampling import SeededSamples
-from fcmae.data.transforms import build_eval_transform, build_finetune_transform, build_pretrain_transform
+from fcmae.data.transforms import (
+    ResizeCenterCropU8,
+    build_eval_transform,
+    build_finetune_transform,
+    build_pretrain_transform,
+)
 
 
 # --------------------------------------------------------------------------------------------- pretraining
@@ -51,6 +56,22 @@ def build_pretrain_dataset(cfg: Any, in_chans: int) -> Dataset:
     if limit and limit < len(ds):  # type: ignore[arg-type]
         ds = Subset(ds, range(limit))
     return ds
+
+
+def build_pretrain_train_set(cfg: Any, in_chans: int, seed: int, mask_grid: tuple[int, int], mask_ratio: float
+                             ) -> Any:
+    """The pretraining training set with its seeded augmentation and masks: ``SeededSamples`` over
+    ``build_pretrain_dataset``, or for ``data.source=webdataset`` a ``ShardStream`` over the shards in ``cfg.path``.
+    Items: ``Sample(image uint8 (C, S, S), mask (h*w,) bool, skipped)``."""
+    if cfg.source == "webdataset":
+        from fcmae.data.shards import ShardStream, open_shards
+
+        tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
+        return ShardStream(open_shards(cfg.path, cfg.shard_index), tf, in_chans=in_chans, seed=seed,
+                           mask_grid=mask_grid, mask_ratio=mask_ratio, buffer=cfg.shuffle_buffer)
+    # our uint8 transforms draw from the per-sample generator: no global seeding needed
+    return SeededSamples(build_pretrain_dataset(cfg, in_chans), seed=seed, labelled=False, mask_grid=mask_grid,
+                         mask_ratio=mask_ratio, seed_globals=False)
 
 
 # --------------------------------------------------------------------------------------------- label budget
@@ -141,13 +162,15 @@ def first_per_class(targets: Sequence[int], n: int, seed: int = 0) -> list[int]:
 class FinetuneData:
     """Training/validation sets (items ``(image, label, n_skipped)``) and what the run reports about them."""
 
-    train: SeededSamples
-    val: SeededSamples
+    train: Any  # SeededSamples, or a ShardStream (webdataset)
+    val: Any
     classes: list[str]
     train_total: int  # images available before the label budget (after data.limit)
     train_counts: dict[int, int]  # images per class kept for training
 
     def describe_budget(self, cfg: Any) -> str:
+        if not self.train_counts:  # shards: sized by their index, not counted per class
+            return f"{self.train_total} training images in shards"
         n = sum(self.train_counts.values())
         if n == self.train_total:
             return f"{n} training images"
@@ -186,10 +209,11 @@ def build_finetune_data(cfg: Any, in_chans: int, seed: int) -> FinetuneData:
     fashion_mnist: the train and test IDX files in ``path``. Training keeps the first ``limit`` images (if > 0),
     then the label budget (``train_fraction`` / ``labels_per_class``, seeded by ``label_seed``).
     """
+    if cfg.source == "webdataset":
+        return _finetune_shards(cfg, in_chans, seed)
     train_tf = build_finetune_transform(
-        cfg.input_size, in_chans, auto_augment=cfg.auto_augment or None, reprob=cfg.reprob, remode=cfg.remode,
-        recount=cfg.recount, color_jitter=cfg.color_jitter, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
-        interpolation=cfg.interpolation)
+        cfg.input_size, in_chans, auto_augment=cfg.auto_augment or None, color_jitter=cfg.color_jitter,
+        scale=tuple(cfg.crop_scale), hflip=cfg.hflip, interpolation=cfg.interpolation)  # erasing: on the device
     val_tf = build_eval_transform(cfg.input_size, cfg.crop_pct, in_chans)
     train_base, val_base, classes = _train_val_sets(cfg, in_chans, train_tf, val_tf)
     targets = dataset_targets(train_base)
@@ -205,3 +229,34 @@ def build_finetune_data(cfg: Any, in_chans: int, seed: int) -> FinetuneData:
     val_idx = range(min(cfg.val_limit, n_val) if cfg.val_limit else n_val)
     return FinetuneData(SeededSamples(train_base, pool, seed), SeededSamples(val_base, val_idx), classes,
                         total, dict(sorted(counts.items())))
+
+
+def _finetune_shards(cfg: Any, in_chans: int, seed: int) -> FinetuneData:
+    """Labelled shards (``cls``) for training and validation; classes from the training shards' index."""
+    from fcmae.data.shards import ShardStream, open_shards
+
+    train, val = open_shards(cfg.train_path, cfg.shard_index), open_shards(cfg.val_path)
+    if not train.classes:
+        raise DataError(f"the shards of {cfg.train_path} hold no labels (their index.json lists no classes; shard "
+                        "class folders with fcmae shard)")
+    tf = build_finetune_transform(cfg.input_size, in_chans, auto_augment=cfg.auto_augment or None,
+                                  color_jitter=cfg.color_jitter, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
+                                  interpolation=cfg.interpolation)
+    train_set = ShardStream(train, _ViaPIL(tf), in_chans=in_chans, seed=seed, labelled=True,
+                            buffer=cfg.shuffle_buffer, seed_globals=True)
+    val_set = ShardStream(val, ResizeCenterCropU8(cfg.input_size, cfg.crop_pct), in_chans=in_chans, labelled=True,
+                          shuffle=False)
+    return FinetuneData(train_set, val_set, list(train.classes), train.total, {})
+
+
+class _ViaPIL:
+    """``(C, H, W)`` uint8 -> PIL image -> ``transform`` (timm's PIL transforms on decoded shard samples)."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, x: Any) -> Any:
+        from PIL import Image
+
+        a = x.permute(1, 2, 0).numpy()
+        return self.transform(Image.fromarray(a[..., 0] if a.shape[2] == 1 else a))

@@ -8,8 +8,9 @@ model/optimiser/RNG state this makes a resumed run equal to an uninterrupted one
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -28,6 +29,34 @@ def sample_generator() -> np.random.Generator:
     """The random generator a transform draws its parameters from: the current sample's, seeded by ``(seed,
     epoch, index)``, when called inside ``SeededSamples``; else an unseeded one. Cheap (no global seeding)."""
     return _CURRENT if _CURRENT is not None else np.random.default_rng()
+
+
+@contextlib.contextmanager
+def seeded(s: int, seed_globals: bool = False) -> Iterator[None]:
+    """Within: ``sample_generator()`` is a NumPy generator seeded with ``s``; with ``seed_globals`` also Python's,
+    NumPy's and torch's CPU generators are seeded from ``s`` and restored afterwards (for third-party transforms
+    that draw from them; torch's CPU generator only: ``torch.manual_seed`` would also queue a CUDA seed, ~0.6 ms
+    per call in a DataLoader worker of a CUDA build)."""
+    global _CURRENT
+    _CURRENT = np.random.default_rng(s)
+    if not seed_globals:
+        try:
+            yield
+        finally:
+            _CURRENT = None
+        return
+    py_state, np_state = random.getstate(), np.random.get_state()
+    torch_state = torch.default_generator.get_state()
+    try:
+        random.seed(s)
+        np.random.seed(s & 0xFFFFFFFF)
+        torch.default_generator.manual_seed(s)
+        yield
+    finally:
+        _CURRENT = None
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.default_generator.set_state(torch_state)
 
 
 class Sample(NamedTuple):
@@ -84,11 +113,9 @@ class SeededSamples(Dataset):
 
     With ``seed`` set, every item's randomness is a function of ``(seed, epoch, index)`` only, so a sample does not
     depend on workers or on what ran before: our transforms draw from ``sample_generator()`` (a NumPy generator
-    seeded per sample: microseconds). ``seed_globals`` additionally seeds Python's, NumPy's and torch's CPU
-    generators for the item and restores them afterwards, for third-party transforms that draw from them (timm's
-    and torchvision's); only torch's CPU generator is touched (``torch.manual_seed`` would also queue a CUDA seed,
-    ~0.6 ms per call in a DataLoader worker of a CUDA build). Set the epoch with ``use_epoch`` before iterating
-    (DataLoader workers are re-created every epoch, so they see it).
+    seeded per sample: microseconds); ``seed_globals`` also seeds the global generators for the item (``seeded``),
+    for third-party transforms that draw from them (timm's and torchvision's). Set the epoch with ``use_epoch``
+    before iterating (DataLoader workers are re-created every epoch, so they see it).
     """
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None = None, seed: int | None = None,
@@ -111,25 +138,8 @@ class SeededSamples(Dataset):
         self.epoch = epoch
 
     def _seeded_item(self, index: int, s: int) -> tuple:
-        global _CURRENT
-        _CURRENT = np.random.default_rng(s)
-        if not self.seed_globals:
-            try:
-                return self.base[self.indices[index]]
-            finally:
-                _CURRENT = None
-        py_state, np_state = random.getstate(), np.random.get_state()
-        torch_state = torch.default_generator.get_state()
-        try:
-            random.seed(s)
-            np.random.seed(s & 0xFFFFFFFF)
-            torch.default_generator.manual_seed(s)
+        with seeded(s, self.seed_globals):
             return self.base[self.indices[index]]
-        finally:
-            _CURRENT = None
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            torch.default_generator.set_state(torch_state)
 
     def __getitem__(self, index: int) -> Sample:
         s = sample_seed(self.seed, self.epoch, index) if self.seed is not None else None

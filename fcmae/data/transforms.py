@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from fcmae.data.sampling import sample_generator
 from fcmae.models.registry import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from fcmae.models.registry import mean_std as default_mean_std
 
-__all__ = ["GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DeviceNormalize", "RandomResizedCropU8",
+__all__ = ["GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DeviceNormalize", "DeviceRandomErasing",
+           "RandomResizedCropU8", "ResizeCenterCropU8",
            "build_eval_transform", "build_finetune_transform", "build_pretrain_transform", "crop_params", "mean_std"]
 
 
@@ -132,6 +134,18 @@ def build_eval_transform(input_size: int = 224, crop_pct: float = 224 / 256, in_
     ])
 
 
+class ResizeCenterCropU8:
+    """The evaluation transform on uint8 tensors (shards): shorter side to ``input_size / crop_pct`` (bicubic,
+    antialiased), centre crop -> ``(C, S, S)`` uint8, normalised on the device."""
+
+    def __init__(self, input_size: int = 224, crop_pct: float = 224 / 256) -> None:
+        self.size, self.resize = input_size, int(math.floor(input_size / crop_pct + 1e-6))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = TF.resize(x, [self.resize], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        return TF.center_crop(x, [self.size, self.size]).contiguous()
+
+
 def _posterize_safe(auto_augment: str | None) -> str | None:
     """Cap RandAugment's magnitude at 9 for the increasing op set (``inc1``) unless ``mmax`` is given: at magnitude 10
     timm's increasing posterize keeps 0 bits, which Pillow >= 11 refuses (``bits must be between or equal to 1 and
@@ -142,27 +156,50 @@ def _posterize_safe(auto_augment: str | None) -> str | None:
     return auto_augment
 
 
+class _PILToU8:
+    """PIL image -> ``(C, H, W)`` uint8 tensor (a class, so DataLoader workers can pickle it)."""
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        return pil_to_u8(img)
+
+
 def build_finetune_transform(input_size: int = 224, in_chans: int = 3,
-                             auto_augment: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
-                             remode: str = "pixel", recount: int = 1,
+                             auto_augment: str | None = "rand-m9-mstd0.5-inc1",
                              color_jitter: float | None = 0.4, scale: tuple[float, float] = (0.08, 1.0),
                              hflip: float = 0.5, interpolation: str = "bicubic") -> Callable[[Image.Image], Tensor]:
-    """timm's training augmentation (RandAugment, random erasing ...) -> ``(C, S, S)`` float.
+    """timm's training augmentation up to the tensor (random resized crop, flip, RandAugment / colour jitter) ->
+    ``(C, S, S)`` uint8; normalisation and random erasing run on the device (``DeviceNormalize``,
+    ``DeviceRandomErasing``), on the batch.
 
     timm's RandAugment works on RGB images, so for ``in_chans=1`` the gray image is replicated to RGB, augmented
-    with the gray statistics on all three channels and cut back to its first channel; every op but random
-    erasing keeps the three channels equal, and erasing's per-channel noise cut to one channel is what it would
-    draw for one channel.
+    on all three channels and cut back to its first channel; every op keeps the three channels equal.
     """
     from timm.data import create_transform
 
-    mean, std = mean_std(in_chans)
-    auto_augment = _posterize_safe(auto_augment)
-    tf = create_transform(input_size, is_training=True, scale=tuple(scale), hflip=hflip, color_jitter=color_jitter,
-                          auto_augment=auto_augment or None, interpolation=interpolation, mean=mean * (3 // len(mean)),
-                          std=std * (3 // len(std)), re_prob=reprob, re_mode=remode, re_count=recount)
-    if in_chans == 3:
-        return T.Compose([_ToRGB(), tf])
-    return T.Compose([_ToRGB(), tf, _FirstChannels(1)])
+    mean, std = mean_std(in_chans)  # RandAugment fills rotated/sheared borders with the mean (equal gray channels)
+    pil_ops = create_transform(input_size, is_training=True, scale=tuple(scale), hflip=hflip,
+                               color_jitter=color_jitter, auto_augment=_posterize_safe(auto_augment) or None,
+                               interpolation=interpolation, mean=mean * (3 // len(mean)), std=std * (3 // len(std)),
+                               re_prob=0.0, separate=True)[:2]  # no ToTensor/Normalize
+    ops: list[Any] = [_ToRGB(), T.Compose([*pil_ops]), _PILToU8()]
+    return T.Compose(ops if in_chans == 3 else [*ops, _FirstChannels(1)])
 
 
+class DeviceRandomErasing:
+    """timm's random erasing on a normalised float batch ``(N, C, H, W)`` on its device (in place), as timm's
+    training transform applies it to each normalised image in the workers; its random draws come from the device's
+    and Python's generators of the main process (saved with every checkpoint)."""
+
+    def __init__(self, probability: float, mode: str = "pixel", count: int = 1) -> None:
+        self.probability, self.mode, self.count = probability, mode, count
+        self._by_device: dict[torch.device, Any] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.probability <= 0:
+            return x
+        if x.device not in self._by_device:
+            from timm.data.random_erasing import RandomErasing
+
+            self._by_device[x.device] = RandomErasing(self.probability, mode=self.mode, max_count=self.count,
+                                                      device=str(x.device))
+        return self._by_device[x.device](x)

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from fcmae.config import EmaConfig, FinetuneConfig, MixupConfig, to_dict
 from fcmae.data.sampling import Sample
+from fcmae.data.transforms import DeviceNormalize, DeviceRandomErasing
+from fcmae.models.registry import mean_std
 from fcmae.train.recipe import RecipeBase, RecipeParts, StepHook, TrainContext
 from fcmae.train.trainer import Trainer, param_groups
 
@@ -135,14 +137,22 @@ class FinetuneRecipe(RecipeBase):
             enable_linear_probe(model)
         model.layer_decay_type = o.layer_decay_type  # the rule timm's layer decay reads off group_matcher
         self.mixup_fn, self.criterion = build_mixup_and_loss(cfg.mixup, self.num_classes)
+        self.normalize = DeviceNormalize(*mean_std(m.in_chans))
+        self.erase = DeviceRandomErasing(cfg.data.reprob, cfg.data.remode, cfg.data.recount)
         return RecipeParts(model, self.data.train, param_groups(model, o.weight_decay, o.layer_decay))
 
     def after_prepare(self, ctx: TrainContext) -> None:
-        run = self.cfg.run
-        val_loader = torch.utils.data.DataLoader(
-            self.data.val, batch_size=run.eval_batch_size or 2 * run.batch_size, shuffle=False,
-            num_workers=self.cfg.data.num_workers, drop_last=False, pin_memory=torch.cuda.is_available())
-        self.val_loader = ctx.accelerator.prepare(val_loader)
+        run, acc, val = self.cfg.run, ctx.accelerator, self.data.val
+        batch, workers = run.eval_batch_size or 2 * run.batch_size, self.cfg.data.num_workers
+        pin = torch.cuda.is_available()
+        # shards: each process evaluates its own shards (no accelerate splitting; sums are reduced once at the end)
+        self.val_split = isinstance(val, torch.utils.data.IterableDataset)
+        if self.val_split:
+            val.configure(acc.process_index, acc.num_processes, batch, workers)
+            self.val_loader = torch.utils.data.DataLoader(val, batch_size=batch, num_workers=workers, pin_memory=pin)
+        else:
+            self.val_loader = acc.prepare(torch.utils.data.DataLoader(
+                val, batch_size=batch, shuffle=False, num_workers=workers, drop_last=False, pin_memory=pin))
         self.ema = build_ema(ctx.unwrapped, self.cfg.ema)  # after prepare: on the training device
 
     def stateful(self) -> list[Any]:
@@ -157,8 +167,9 @@ class FinetuneRecipe(RecipeBase):
                     child.eval()
 
     def loss(self, model: nn.Module, batch: Sample) -> Tensor:
-        """batch: images ``(B, C, H, W)``, target = labels ``(B,)`` int64; Mixup/CutMix makes soft targets."""
-        images, targets = batch.image, batch.target
+        """batch: images ``(B, C, H, W)`` uint8, target = labels ``(B,)`` int64; Mixup/CutMix makes soft targets."""
+        # uint8 from the workers: normalised and randomly erased on the device, as timm's transform would per image
+        images, targets = self.erase(self.normalize(batch.image)), batch.target
         if self.mixup_fn is not None:
             images, targets = self.mixup_fn(images, targets)  # targets: (B, num_classes) soft
         return self.criterion(model(images), targets)
@@ -184,12 +195,13 @@ class FinetuneRecipe(RecipeBase):
         from fcmae.evaluation.accuracy import evaluate
 
         acc, st, progress = ctx.accelerator, ctx.state, self.cfg.run.progress
-        res = evaluate(ctx.model, self.val_loader, acc, f"eval {epoch}", progress)
+        opts = {"prepare": self.normalize, "split": self.val_split}
+        res = evaluate(ctx.model, self.val_loader, acc, f"eval {epoch}", progress, **opts)
         rec: dict[str, Any] = {"step": st.step, "epoch": epoch, "val_top1": res["top1"], "val_top5": res["top5"],
                                "val_loss": res["loss"]}
         cands = [("model", res, ctx.unwrapped)]
         if self.ema is not None:
-            res_e = evaluate(self.ema.module, self.val_loader, acc, f"eval ema {epoch}", progress)
+            res_e = evaluate(self.ema.module, self.val_loader, acc, f"eval ema {epoch}", progress, **opts)
             rec.update(ema_top1=res_e["top1"], ema_top5=res_e["top5"], ema_loss=res_e["loss"])
             cands.append(("ema", res_e, self.ema.module))
         source, best_res, best_model = max(cands, key=lambda c: c[1]["top1"])

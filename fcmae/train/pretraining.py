@@ -11,6 +11,7 @@ With a ``monitor`` section the k-NN top-1 of the encoder's features is logged as
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import IterableDataset
 
 from fcmae.config import PretrainConfig, to_dict
 from fcmae.data.sampling import Sample
@@ -86,20 +88,21 @@ class PretrainRecipe(RecipeBase):
         self.normalize = DeviceNormalize(*mean_std(cfg.model.in_chans))
 
     def setup(self) -> RecipeParts:
-        from fcmae.data import SeededSamples, build_pretrain_dataset
+        from fcmae.data import build_pretrain_train_set
 
         cfg = self.cfg
         grid = (cfg.data.input_size // 32, cfg.data.input_size // 32)
-        base = build_pretrain_dataset(cfg.data, cfg.model.in_chans)
-        # our uint8 transforms draw from the per-sample generator: no global seeding needed
-        self.train_set = SeededSamples(base, seed=cfg.run.seed, labelled=False, mask_grid=grid,
-                                       mask_ratio=cfg.model.mask_ratio, seed_globals=False)
+        self.train_set = build_pretrain_train_set(cfg.data, cfg.model.in_chans, cfg.run.seed, grid,
+                                                  cfg.model.mask_ratio)
         model = build_model(cfg)
         return RecipeParts(model, self.train_set, param_groups(model, cfg.optim.weight_decay))
 
     def after_prepare(self, ctx: TrainContext) -> None:
         if ctx.is_main_process:  # fixed images and masks for every figure of the run
-            items = [self.train_set[i] for i in range(min(self.cfg.run.num_vis_images, len(self.train_set)))]
+            n = min(self.cfg.run.num_vis_images, len(self.train_set))
+            # a shard stream is not indexable: its first items (this process's first reader stream) instead
+            items = (list(itertools.islice(iter(self.train_set), n)) if isinstance(self.train_set, IterableDataset)
+                     else [self.train_set[i] for i in range(n)])
             imgs, masks = torch.stack([it.image for it in items]), torch.stack([it.target for it in items])
             self.vis = (self.normalize(imgs), masks)
             if self.cfg.monitor.train:

@@ -269,15 +269,24 @@ class Trainer:
         set_seed(run.seed)
 
     def _loader(self) -> torch.utils.data.DataLoader:
-        run, n = self.cfg.run, len(self.parts.train_set)
+        run, ds, acc = self.cfg.run, self.parts.train_set, self.accelerator
+        pin = torch.cuda.is_available()
+        if isinstance(ds, torch.utils.data.IterableDataset):
+            # shards: the stream deals them to processes and workers itself and gives every rank the same number of
+            # batches; the loader is not prepared by accelerate (whose iterable splitting would read everything)
+            ds.configure(acc.process_index, acc.num_processes, run.batch_size, self.cfg.data.num_workers)
+            self.sampler = None
+            return torch.utils.data.DataLoader(ds, batch_size=run.batch_size, num_workers=self.cfg.data.num_workers,
+                                               pin_memory=pin, persistent_workers=False)
+        n = len(ds)
         global_batch = run.batch_size * self.accelerator.num_processes
         if n < global_batch:
             raise ValueError(f"the training set has {n} images, fewer than one global batch ({run.batch_size} x "
                              f"{self.accelerator.num_processes} processes); lower run.batch_size")
         self.sampler = EpochSampler(n, run.seed)
         return torch.utils.data.DataLoader(
-            self.parts.train_set, batch_size=run.batch_size, sampler=self.sampler,
-            num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+            ds, batch_size=run.batch_size, sampler=self.sampler,
+            num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=pin,
             persistent_workers=False, generator=torch.Generator().manual_seed(0))
 
     def _resume_from(self) -> Path | None:
@@ -313,8 +322,12 @@ class Trainer:
         self.parts: RecipeParts = self.recipe.setup()
         o = self.cfg.optim
         optimizer = torch.optim.AdamW(self.parts.param_groups, lr=0.0, betas=tuple(o.betas), eps=o.eps)
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(self.parts.model, optimizer,
-                                                                           self._loader())
+        loader = self._loader()
+        if self.sampler is None:  # a stream: see _loader
+            self.model, self.optimizer = self.accelerator.prepare(self.parts.model, optimizer)
+            self.loader = loader
+        else:
+            self.model, self.optimizer, self.loader = self.accelerator.prepare(self.parts.model, optimizer, loader)
         # sized after prepare: with several processes the prepared loader holds this process's share
         self.schedule = make_schedule(o, run, len(self.loader), run.batch_size * self.accelerator.num_processes)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
@@ -375,13 +388,18 @@ class Trainer:
         return self._finish()
 
     def _epoch(self) -> None:
+        from accelerate.utils import send_to_device
         from tqdm import tqdm
 
         st, s, acc, run = self.state, self.schedule, self.accelerator, self.cfg.run
         epoch = st.epoch
-        self.sampler.use_epoch(epoch)
         self.parts.train_set.use_epoch(epoch)
-        loader = acc.skip_first_batches(self.loader, st.batch_in_epoch) if st.batch_in_epoch else self.loader
+        if self.sampler is not None:
+            self.sampler.use_epoch(epoch)
+            loader = acc.skip_first_batches(self.loader, st.batch_in_epoch) if st.batch_in_epoch else self.loader
+        else:  # a stream skips the batches already trained on before decoding them
+            self.parts.train_set.skip_batches(st.batch_in_epoch)
+            loader = (send_to_device(b, acc.device, non_blocking=True) for b in self.loader)
         batches_per_epoch = s.steps_per_epoch * run.accum_iter
         self.bar = tqdm(total=batches_per_epoch - st.batch_in_epoch, desc=f"epoch {epoch}", leave=False,
                         dynamic_ncols=True, disable=not (run.progress and acc.is_main_process))

@@ -1,0 +1,68 @@
+"""``fcmae shard SRC OUT [--shard-size 1GB] [--max-count N] [--seed S]``: write WebDataset tar shards.
+
+SRC: a folder of images (searched recursively); ImageNet-style class folders (every image inside a first-level
+folder) also store each image's class index as ``cls``, for fine-tuning. The images go into ``OUT/shard-NNNNNN.tar``
+in a seeded random order (so every shard is a random sample of the whole), their bytes unchanged, about
+``--shard-size`` each, and ``OUT/index.json`` lists the shards with their sample counts and the class names (the
+reader sizes epochs from it). Train from them with ``data.source=webdataset data.path=OUT`` (pretraining) or
+``data.train_path=... data.val_path=...`` (fine-tuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``1GB``, ``500MB``, ``64KiB``, ``1e9`` -> bytes; a one-line error naming the value otherwise."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m[2].lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GB, 500MB, 64MiB)")
+    try:
+        n = int(float(m[1]) * _UNITS[m[2].lower()])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GB, 500MB, 64MiB)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--shard-size must be positive, got {text!r}")
+    return n
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from fcmae.commands._common import add_json_argument
+
+    p.add_argument("src", metavar="SRC", help="folder of images (class folders give labels)")
+    p.add_argument("out", metavar="OUT", help="folder for the shards and index.json (empty or new)")
+    p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="bytes per shard (default 1GB)")
+    p.add_argument("--max-count", type=int, default=100_000, help="samples per shard at most (default 100000)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the order of the images across shards (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json_argument(p)
+
+
+def _compute(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from fcmae.data.shards import INDEX_NAME, write_shards
+    from fcmae.weights.files import write_json_atomic
+
+    if args.max_count < 1:
+        raise ValueError(f"--max-count must be >= 1, got {args.max_count}")
+    index = write_shards(args.src, args.out, args.shard_size, args.seed, args.max_count, not args.no_progress)
+    write_json_atomic(Path(args.out) / INDEX_NAME, index)  # last: the shards are complete when it exists
+    return {**index, "index": str(Path(args.out) / INDEX_NAME)}
+
+
+def _report(r: dict[str, Any]) -> None:
+    labels = f", {len(r['classes'])} classes (cls)" if r["classes"] else ", no labels"
+    print(f"wrote {r['samples']} images into {len(r['shards'])} shards{labels}; index: {r['index']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fcmae.commands._common import run_reporting
+
+    return run_reporting("shard", lambda: _compute(args), _report, args.json)
