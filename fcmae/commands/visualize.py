@@ -13,14 +13,15 @@ from typing import Any
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fcmae.commands._common import add_json_argument
+    from fcmae.commands._flags import add_flag
 
     p.add_argument("checkpoint", help="pretraining output dir, its checkpoints/step_N dir, or a model.safetensors")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", default="reconstruction.png", help="PNG to write")
-    p.add_argument("--input-size", type=int, default=None, help="image side (default: the run's data.input_size)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    add_flag(p, "out", "reconstruction.png", "reconstruction.png; a PNG")
+    add_flag(p, "input_size", None, "the run's data.input_size")
+    add_flag(p, "seed", 0, "0; it draws the masks")
     p.add_argument("--mask-ratio", type=float, default=None, help="default: the run's model.mask_ratio")
-    p.add_argument("--limit", type=int, default=8, help="use the first N images only")
+    add_flag(p, "limit", 8, "8; the first N images found")
     add_json_argument(p)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -25,7 +26,7 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, desc: str = "eval"
     c1 = c5 = loss_sum = 0.0
     n = 0
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-               disable=not (progress and accelerator.is_main_process))
+               disable=not (progress and accelerator.is_main_process and sys.stderr.isatty()))  # no \r in a log
     for batch in bar:
         images, labels = batch[0], batch[1]
         with accelerator.autocast():

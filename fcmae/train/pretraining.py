@@ -110,7 +110,7 @@ class PretrainRecipe(RecipeBase):
             return
         st = ctx.state
         self.knn = {"step": st.step, "epoch": st.epoch, **self.monitor.measure(ctx.unwrapped.encoder)}
-        ctx.log(self.knn)
+        ctx.log({"type": "monitor", **self.knn})
         ctx.say(f"k-NN monitor at step {st.step}: top-1 {self.knn['knn_top1']:.2f} "
                     f"({self.knn['knn_seconds']:.1f} s)")
 
