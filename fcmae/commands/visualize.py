@@ -1,7 +1,8 @@
 """``fcmae visualize CHECKPOINT IMAGES... --out fig.png``: reconstruction figure of a pretraining checkpoint.
 
 CHECKPOINT is a pretraining output directory, one of its ``checkpoints/step_N`` directories, or a
-``model.safetensors`` written by one. Unreadable images are skipped and reported.
+``model.safetensors`` written by one: the reconstruction needs the decoder, so the exported ``encoder.safetensors``
+or fine-tuning weights are refused with a line saying so. Unreadable images are skipped and reported.
 """
 
 from __future__ import annotations
@@ -76,8 +77,8 @@ def _visualize(args: argparse.Namespace) -> dict[str, Any]:
 def _report(r: dict[str, Any]) -> None:
     for why in r["skipped"]:
         print(f"skipped: {why}")
-    print(f"wrote {r['figure']} ({len(r['images'])} images: original | masked | prediction at removed patches | "
-          "prediction + visible)")
+    print(f"wrote {r['figure']} ({len(r['images'])} images; columns: original | masked | reconstruction (at the "
+          "removed patches) | reconstruction + visible)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -570,14 +570,15 @@ class Trainer:
         ``train`` record); ``time_s``: training seconds of the whole run, across resumes; ``wall_s``: this
         invocation's. Paths are absolute.
         """
-        from fcmae import __version__
         from fcmae.config import to_dict
+
+        version = sys.modules["fcmae"].__version__  # the package (loaded before any of its modules); no upward import
 
         st, wall = self.state, time.perf_counter() - self.t_invocation
         ckpt = find_latest_checkpoint(self.ckpt_root)
         self.summary.update(extra)
         self.summary.update({
-            "status": status, "fcmae_version": __version__, "final_loss": self.window_loss, "steps": st.step,
+            "status": status, "fcmae_version": version, "final_loss": self.window_loss, "steps": st.step,
             "epochs": st.epoch, "time_s": self.elapsed(), "wall_s": wall,
             "img_per_s": self.images_run / max(wall, 1e-9), "skipped_files": st.skipped_files,
             "checkpoint": str(ckpt) if ckpt is not None else None, "metrics": str(self.logger.path),
