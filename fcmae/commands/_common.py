@@ -1,4 +1,5 @@
-"""What every subcommand shares: config + overrides parsing, the user-error boundary, JSON results.
+"""What every subcommand shares: the malloc re-exec point, the user-error boundary, JSON results (the flags and the
+config + overrides parsing are in ``fcmae.commands._flags``).
 
 User errors (a bad config key or value, a missing path, an empty dataset, an unreadable or unfitting checkpoint,
 a full disk) end a command with one line on stderr naming the problem and a non-zero status: 2 for usage and
