@@ -294,3 +294,30 @@ def test_convert_refuses_to_replace_out_unless_overwrite(tmp_path, capsys):
     assert "exists; give --overwrite" in err and out.read_bytes() == b"keep me"
     assert main(["convert", str(src), str(out), "--overwrite"], reexec=False) == 0
     assert out.read_bytes() != b"keep me"
+
+
+def test_a_non_finite_loss_leaves_a_failed_summary(tmp_path):
+    import torch
+
+    from fcmae.config import PretrainConfig, load_config
+    from fcmae.train.pretraining import run_pretraining
+    from fcmae.train.trainer import NonFiniteLossError
+
+    out = tmp_path / "run"
+    cfg = load_config(PretrainConfig, None, [
+        "model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_chans=1", "data.source=demo",
+        "data.input_size=64", "data.limit=16", "data.num_workers=0", "optim.steps=8", "optim.warmup_steps=1",
+        "run.batch_size=2", "run.log_every=2", "run.export_every_epochs=0", "run.progress=false", "run.threads=1",
+        f"run.output_dir={out}"])
+
+    def poison(trainer) -> None:
+        if trainer.state.step == 3:
+            with torch.no_grad():
+                trainer.unwrapped.encoder.downsample_layers[0][0].weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError):
+        run_pretraining(cfg, hooks=[poison])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "failed" and "non-finite loss at step 3" in s["error"] and s["steps"] == 4
+    recs = _records(out)  # strict JSON: json.loads would take NaN, so look for it in the text too
+    assert "NaN" not in (out / "metrics.jsonl").read_text() and recs[-1]["type"] == "summary"
