@@ -52,7 +52,7 @@ def worker_pipeline(variant: str, batch: int, size: int, steps: int, folder: str
     ])
     run_pretraining(cfg)
     recs = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["img_per_s"] for r in recs if "step" in r][1:]  # drop the first window (warm-up)
+    rates = [r["img_per_s"] for r in recs if r.get("type") == "train"][1:]  # drop the first window (warm-up)
     return {"img_s": sum(rates) / len(rates)}
 
 

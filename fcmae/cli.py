@@ -11,8 +11,6 @@ import argparse
 import importlib
 import sys
 
-from fcmae.runtime import reexec_with_malloc_tuning
-
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("fcmae.commands.pretrain", "FCMAE self-supervised pretraining (config YAML + key=value overrides)"),
@@ -27,7 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fcmae", description="FCMAE pretraining and fine-tuning for ConvNeXt V2")
+    from fcmae import __version__
+
+    parser = argparse.ArgumentParser(prog="fcmae", description="FCMAE pretraining and fine-tuning for ConvNeXt V2",
+                                     epilog="`fcmae COMMAND --help` tells more, e.g. `fcmae pretrain --help`")
+    parser.add_argument("--version", action="version", version=f"fcmae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -42,14 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, reexec: bool | None = None) -> int:
-    """Run a subcommand. From a shell (``argv`` None) the process first re-executes itself once with tuned
-    malloc settings (see ``fcmae.runtime``); in-process calls with an explicit ``argv`` do not."""
-    if reexec if reexec is not None else argv is None:
-        reexec_with_malloc_tuning()
+    """Run a subcommand. From a shell (``argv`` None) a command that trains or evaluates re-executes the process
+    once with tuned malloc settings (see ``fcmae.runtime``), after its arguments and config are parsed and
+    validated (``fcmae.commands._common.tune_malloc``); in-process calls with an explicit ``argv`` do not."""
+    reexec = reexec if reexec is not None else argv is None
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._reexec = reexec
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

@@ -94,7 +94,7 @@ class RunConfig:
     save_every_epochs: int = 1  # checkpoint every N epochs (and always at the end)
     keep_last: int = 2
     log_every: int = 10
-    threads: int = 0  # torch intra-op threads on CPU (0 = library default)
+    threads: int = 0  # torch intra-op threads (0 = the library default: torch picks, usually one per core)
     progress: bool = True
 
 
@@ -135,8 +135,9 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
            f"is not one of {list(MIXED_PRECISION)}")
     for key in ("batch_size", "accum_iter", "keep_last", "log_every", "save_every_epochs"):
         _check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), "must be >= 1")
-    for key in ("max_steps", "save_every_steps", "threads"):
+    for key in ("max_steps", "save_every_steps"):
         _check(getattr(r, key) >= 0, f"run.{key}", getattr(r, key), "must be >= 0 (0 = off)")
+    _check(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0 = the library default)")
     _check(r.output_dir.strip() != "", "run.output_dir", r.output_dir, "must not be empty")
     _check(r.resume in ("", "auto") or not r.overwrite, "run.overwrite", r.overwrite,
            "cannot be combined with run.resume")
@@ -425,8 +426,8 @@ def config_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def save_config(cfg: Any, path: str | os.PathLike[str]) -> Path:
-    """Write the merged config as YAML (atomically)."""
+def save_config(cfg: Any, path: str | os.PathLike[str], note: str = "") -> Path:
+    """Write the merged config as YAML (atomically); ``note`` becomes a comment line on top (e.g. the lr used)."""
     from fcmae.weights.files import write_text_atomic
 
-    return write_text_atomic(path, config_yaml(cfg))
+    return write_text_atomic(path, (f"# {note}\n" if note else "") + config_yaml(cfg))

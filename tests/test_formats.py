@@ -142,7 +142,7 @@ def test_official_finetuning_checkpoint(tmp_path, capsys, with_ema):
             assert load_weights(clf, path, ema=True)["fresh"] == []
             assert torch.equal(clf.eval()(x), ema(x))
     for flag, ref, weights in [([], model, want), (["--ema"], ema, want_ema)][: 2 if with_ema else 1]:
-        out = _convert(capsys, path, tmp_path / "out.safetensors", *flag)
+        out = _convert(capsys, path, tmp_path / "out.safetensors", *flag, "--overwrite")  # the 2nd replaces the 1st
         assert f"weights from '{'model_ema' if flag else 'model'}'" in out and "recognised: official_dense" in out
         dense = load_state_dict_file(tmp_path / "out.safetensors")[0]
         _assert_equal_sd(dense, weights)

@@ -48,7 +48,7 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 def _losses(out: Path) -> dict[int, float]:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "step" in r}
+    return {r["step"]: r["loss"] for r in recs if r["type"] == "train"}
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):

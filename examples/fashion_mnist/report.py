@@ -53,13 +53,14 @@ def collect(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
         probes[arm] = r and {"summary": r["summary"], "runs": r["runs"], "input_size": r["input_size"],
                              "feature_seconds": r["feature_seconds"], "probe_seconds": r["probe_seconds"]}
     pretrain = {}
-    for arm in cfg["pretrain"]["arms"]:
+    for arm in cfg["pretrain"]["arms"]:  # metrics.jsonl: records of type train / eval / monitor / summary
         d = work / "pretrain" / arm
         s = _json(d / "summary.json")
         m = _metrics(d / "metrics.jsonl")
         pretrain[arm] = {"complete": s is not None, "summary": s,
                          "knn": [(r["step"], r["knn_top1"]) for r in m if "knn_top1" in r],
-                         "loss": [(r["step"], r["loss"]) for r in m if "loss" in r and "summary" not in r],
+                         "loss": [(r["step"], r["loss"]) for r in m if r.get("type", "train") == "train" and "loss" in r
+                                  and "summary" not in r],
                          "monitor": monitor_overhead(m, cfg["pretrain"]["overrides"]["run.batch_size"],
                                                      cfg["pretrain"]["overrides"]["monitor.every_steps"])}
     finetune: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -82,10 +83,11 @@ def monitor_overhead(rows: list[dict[str, Any]], batch_size: int, every: int) ->
     """The k-NN monitor's share of a pretraining run's time, from its metrics.jsonl, two ways.
 
     ``measured``: the evaluations' seconds (each step once) over the run's wall time, summed over its segments
-    (a resumed run restarts ``time_s``; the steps redone after a resume count twice, a small overstatement of the
-    wall time). Anything that stalled the process (a pause, another job) is in it. ``steady``: the median
-    evaluation against the median training time of ``every`` steps (from the log intervals' images/s), robust to
-    such stalls and to the one-off loading of the monitor's images in each segment's first evaluation.
+    (``time_s`` continues across a resume, so that is the last one; in older runs, where a resume restarted it, the
+    steps redone after a resume count twice, a small overstatement of the wall time). Anything that stalled the
+    process (a pause, another job) is in it. ``steady``: the median evaluation against the median training time of
+    ``every`` steps (from the log intervals' images/s), robust to such stalls and to the one-off loading of the
+    monitor's images in each segment's first evaluation.
     """
     knn = {r["step"]: r["knn_seconds"] for r in rows if "knn_seconds" in r}
     speed = [r["img_per_s"] for r in rows if "img_per_s" in r]

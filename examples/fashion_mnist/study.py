@@ -173,7 +173,7 @@ class Study:
         self.fcmae(f"diagnose_{tag}", ["diagnose", *weights, "--random-init", self.cfg["probe"]["random_init"],
                                        "--names", *names, "random init", "--data", "fashion_mnist:test",
                                        "--data-root", self.cfg["data_path"], "--in-chans", "1", "--crop-pct", "1.0",
-                                       "--input-size", str(d["input_size"]), "--num-images", str(d["num_images"]),
+                                       "--input-size", str(d["input_size"]), "--limit", str(d["num_images"]),
                                        "--channels", str(d["channels"]), "--out", str(done.parent)], done)
 
     def evaluate_check(self) -> None:

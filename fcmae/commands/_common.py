@@ -1,4 +1,5 @@
-"""What every subcommand shares: config + overrides parsing, the user-error boundary, JSON results.
+"""What every subcommand shares: the malloc re-exec point, the user-error boundary, JSON results (the flags and the
+config + overrides parsing are in ``fcmae.commands._flags``).
 
 User errors (a bad config key or value, a missing path, an empty dataset, an unreadable or unfitting checkpoint,
 a full disk) end a command with one line on stderr naming the problem and a non-zero status: 2 for usage and
@@ -12,54 +13,17 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
-def add_config_arguments(p: argparse.ArgumentParser, example: str, options: Mapping[str, str]) -> None:
-    """``CONFIG [key=value ...]`` plus ``--option VALUE`` flags, each a shorthand for one override key."""
-    p.add_argument("config", nargs="?", default=None,
-                   help=f"YAML config: a path or the name of a packaged config (e.g. {example}); defaults otherwise")
-    # REMAINDER (not "*"): argparse cannot take positionals after an option, so `CONFIG --init X k=v` would fail;
-    # the options met among the overrides are picked out by `config_overrides`
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="key=value overrides, e.g. optim.blr=1e-4")
-    for flag, key in options.items():
-        p.add_argument(flag, default=None, help=f"same as {key}=...")
+def tune_malloc(args: argparse.Namespace) -> None:
+    """For a command that trains or evaluates, once its arguments and config are parsed and validated: re-execute
+    the process with the tuned malloc settings (``fcmae.runtime``), when started from a shell (``fcmae.cli.main``
+    sets ``args._reexec``). The re-executed process parses again (fast: nothing heavy is imported before this)."""
+    if getattr(args, "_reexec", False):
+        from fcmae.runtime import reexec_with_malloc_tuning
 
-
-def config_overrides(args: argparse.Namespace, options: Mapping[str, str]) -> tuple[str | None, list[str]]:
-    """``(config path or None, overrides)`` with ``--flag X`` / ``--flag=X`` turned into ``key=X``."""
-    from fcmae.config import ConfigError
-
-    config, rest, picked = args.config, [], []
-    if config is not None and ("=" in config or config.startswith("-")):  # no config file, only overrides
-        rest, config = [config], None
-    items = iter([*rest, *args.overrides])
-    rest = []
-    for item in items:
-        name, eq, value = item.partition("=")
-        if name in options:
-            value = value if eq else next(items, "")
-            if not value:
-                raise ConfigError(f"{name} needs a value")
-            picked.append(f"{options[name]}={value}")
-        elif item.startswith("-"):
-            raise ConfigError(f"unknown option {item} (options: {', '.join(options) or 'none'})")
-        else:
-            rest.append(item)
-    for flag, key in options.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
-        if value:
-            picked.append(f"{key}={value}")
-    return config, rest + picked
-
-
-def load_command_config(cls: type[T], args: argparse.Namespace, options: Mapping[str, str]) -> T:
-    from fcmae.config import load_config
-
-    config, overrides = config_overrides(args, options)
-    return load_config(cls, config, overrides)
+        reexec_with_malloc_tuning()
 
 
 def is_main_process() -> bool:
@@ -82,16 +46,17 @@ def one_line(exc: BaseException) -> str:
 def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
     """Run ``fn``; a user error becomes one line on stderr and its exit status (see the module docstring)."""
     from fcmae.config import ConfigError
-    from fcmae.train.trainer import NonFiniteLossError
 
     try:
         return int(fn() or 0)
     except Exception as exc:
         if os.environ.get("FCMAE_DEBUG"):
             raise
+        # the trainer (and torch) only when the command got that far: a config error stays fast
+        trainer = sys.modules.get("fcmae.train.trainer")
         if isinstance(exc, ConfigError):
             code, kind = 2, "config error"
-        elif isinstance(exc, NonFiniteLossError):
+        elif trainer is not None and isinstance(exc, trainer.NonFiniteLossError):
             code, kind = 3, "error"
         elif isinstance(exc, (ValueError, OSError, KeyError, ImportError)):  # data, weights, disk, optional deps
             code, kind = 1, "error"
@@ -119,7 +84,8 @@ def print_run_tail(s: Mapping[str, Any]) -> None:
     print(f"checkpoint: {s['checkpoint']}")
     print(f"metrics: {s['output_dir']}/metrics.jsonl")
     print(f"summary: {s['summary']}")
-    print(f"final loss {s['final_loss']:.4f} after {s['steps']} steps, {s['wall_s']:.0f} s, "
+    loss = "n/a" if s.get("final_loss") is None else f"{s['final_loss']:.4f}"
+    print(f"final loss {loss} after {s['steps']} steps, {s['wall_s']:.0f} s, "
           f"{s['img_per_s']:.1f} img/s")
 
 

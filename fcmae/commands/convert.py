@@ -15,7 +15,8 @@ OUT gets:
   ``interop`` extra).
 
 timm and transformers exports of an FCMAE encoder get the identity final LayerNorm so they load strictly. File
-metadata: ``variant``, ``in_chans``, ``source_layout``, ``format``. On any error nothing is written at OUT.
+metadata: ``variant``, ``in_chans``, ``source_layout``, ``format``. On any error nothing is written at OUT. An
+existing OUT (a file, or the files of a folder export) is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _LAYOUT_TEXT = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fcmae.commands._common import add_json_argument
+    from fcmae.commands._flags import add_flag
 
     p.add_argument("input", metavar="IN", help="weight file, or a folder holding model.safetensors / pytorch_model.bin")
     p.add_argument("output", metavar="OUT",
@@ -52,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="variant the weights must fit, e.g. convnextv2_atto (default: inferred from the shapes)")
     p.add_argument("--ema", action="store_true",
                    help="take the EMA weights (model_ema / state_dict_ema) of a training checkpoint")
+    add_flag(p, "overwrite")
     add_json_argument(p)
 
 
@@ -106,6 +109,10 @@ def _convert(args: argparse.Namespace) -> dict[str, object]:
         to_dense,
     )
 
+    out = Path(args.output)
+    taken = [q for q in ([out / "config.json", out / "model.safetensors"] if out.is_dir() else [out]) if q.is_file()]
+    if taken and not args.overwrite:
+        raise ValueError(f"{taken[0]} exists; give --overwrite to replace it")
     ckpt = read_checkpoint(args.input, ema=args.ema)
     sd = ckpt.state_dict
     dense, layout = to_dense(sd)

@@ -4,7 +4,8 @@ For every block of every model, the average pairwise cosine distance between the
 layer (``pwconv1`` -> GELU, before GRN) over N images (:mod:`fcmae.evaluation.collapse`), plotted against the block's
 normalised depth with all models on one plot (``cosine_distance.png``, the paper's Fig. 4), and the activation maps
 of randomly chosen channels of one layer on one image (``activations.png``, Fig. 3). Numbers in
-``diagnose.json``. WEIGHTS are any files ``fcmae convert`` reads; ``--random-init VARIANT`` adds a random init.
+``diagnose.json``. WEIGHTS are any files ``fcmae convert`` reads; ``--random-init VARIANT`` adds a random init
+(``--random-init-no-grn VARIANT``: without GRN). ``--limit N`` (old spelling ``--num-images``): the images.
 """
 
 from __future__ import annotations
@@ -18,23 +19,23 @@ EXAMPLES_HINT = "pip install 'fcmae[examples]'"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fcmae.commands._common import add_json_argument
+    from fcmae.commands._flags import add_flag
     from fcmae.commands.evaluate import add_data_arguments
 
     p.add_argument("weights", nargs="*", metavar="WEIGHTS", help="weights (any layout fcmae convert reads)")
-    p.add_argument("--random-init", action="append", default=[], metavar="VARIANT",
-                   help="add a random init of VARIANT (repeatable)")
-    p.add_argument("--random-init-no-grn", action="append", default=[], metavar="VARIANT",
-                   help="add a random init of VARIANT without GRN (repeatable)")
+    add_flag(p, "random_init", [], "none; repeatable", action="append")
+    add_flag(p, "random_init_no_grn", [], "none; repeatable", action="append")
     p.add_argument("--names", nargs="+", default=None,
                    help="legend names: WEIGHTS first, then the random inits, in order (default: from the paths)")
     p.add_argument("--data", required=True, metavar="SPEC", help="labelled images (a stratified subset is used)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs and diagnose.json")
-    p.add_argument("--num-images", type=int, default=64, help="images the distances are averaged over")
+    add_flag(p, "out", None, "required; a folder for the PNGs and diagnose.json", required=True)
     p.add_argument("--layer", type=int, default=None,
                    help="block (0-based, depth order) whose activations are shown (default: last block of stage 3)")
     p.add_argument("--channels", type=int, default=16, help="randomly chosen channels shown per model")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inits and the channel choice")
-    add_data_arguments(p)
+    add_flag(p, "seed", 0)
+    add_data_arguments(p, limit=64)
+    p.add_argument("--num-images", dest="limit", type=int, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # the old spelling of --limit
     add_json_argument(p)
 
 
@@ -88,7 +89,7 @@ def _images(args: argparse.Namespace, in_chans: int, size: int) -> Any:
 
     crop_pct = args.crop_pct or 0.875
     ds, _ = labelled_dataset(args.data, build_eval_transform(size, crop_pct, in_chans), in_chans, args.data_root)
-    idx = first_per_class(dataset_targets(ds), args.num_images, seed=args.seed)
+    idx = first_per_class(dataset_targets(ds), args.limit, seed=args.seed)
     if not idx:
         raise ValueError(f"--data {args.data} has no images")
     return torch.stack([ds[i][0] for i in idx])
@@ -96,15 +97,20 @@ def _images(args: argparse.Namespace, in_chans: int, size: int) -> Any:
 
 def diagnose(args: argparse.Namespace) -> dict[str, Any]:
     """Distances of every model, the plots, and the results dict (also ``<out>/diagnose.json``)."""
+    from fcmae.commands._common import tune_malloc
+    from fcmae.commands.evaluate import check_data_arguments
+
+    check_data_arguments(args)
+    if args.channels < 1:
+        raise ValueError("--channels must be >= 1")
+    plt = _need_matplotlib()
+    tune_malloc(args)  # after the checks: a usage error is fast
     import torch
 
     from fcmae.evaluation.collapse import collapse_profile, normalised_depth
     from fcmae.models.convnextv2 import check_image_size
     from fcmae.weights.files import write_json_atomic
 
-    if args.num_images < 1 or args.channels < 1 or args.batch_size < 1:
-        raise ValueError("--num-images, --channels and --batch-size must be >= 1")
-    plt = _need_matplotlib()
     models = _models(args)
     chans = {m.in_chans for _, m, _ in models}
     if len(chans) > 1:

@@ -13,18 +13,20 @@ import argparse
 from typing import Any
 
 
-def add_data_arguments(p: argparse.ArgumentParser) -> None:
+def add_data_arguments(p: argparse.ArgumentParser, limit: int = 0) -> None:
     """Flags shared by the commands that read labelled data (evaluate, probe, diagnose)."""
-    p.add_argument("--input-size", type=int, default=None, help="image side (default: from the checkpoint, or 224)")
+    from fcmae.commands._flags import add_flag
+
+    add_flag(p, "input_size", None, "from the checkpoint, or 224")
     p.add_argument("--in-chans", type=int, choices=(1, 3), default=None,
                    help="decode images to 1 (gray) or 3 (RGB) channels (default: the stem's); the stem is adapted")
     p.add_argument("--crop-pct", type=float, default=None, help="centre crop fraction (default: checkpoint's, .875)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--limit", type=int, default=0, help="use the first N images only (0 = all)")
+    add_flag(p, "batch_size", 64)
+    add_flag(p, "num_workers", 2)
+    add_flag(p, "limit", limit, f"{limit or 'all'}; of a labelled set, a seeded class-stratified subset")
     p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: the Debian location)")
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16", "auto"), default="auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flag(p, "mixed_precision", "auto")
+    add_flag(p, "no_progress")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,16 +51,19 @@ def check_data_arguments(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from fcmae.commands._common import tune_malloc
+
+    check_data_arguments(args)
+    tune_malloc(args)  # after the checks: a usage error is fast
     import torch
     from accelerate import Accelerator
 
-    from fcmae.data import SeededSamples, build_eval_transform, labelled_dataset
+    from fcmae.data import SeededSamples, build_eval_transform, dataset_targets, first_per_class, labelled_dataset
     from fcmae.evaluation.accuracy import evaluate
     from fcmae.models.convnextv2 import check_image_size
     from fcmae.train.trainer import resolve_mixed_precision
     from fcmae.weights.loader import load_classifier
 
-    check_data_arguments(args)
     model, info = load_classifier(args.checkpoint, args.model, args.in_chans, args.ema)
     meta = info["metadata"]
     size = args.input_size or int(meta.get("image_size", 224))
@@ -68,9 +73,9 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     ds, classes = labelled_dataset(args.data, tf, model.in_chans, args.data_root)
     if len(classes) > info["num_classes"]:
         raise ValueError(f"--data {args.data} has {len(classes)} classes but the head predicts {info['num_classes']}")
-    n = min(args.limit, len(ds)) if args.limit else len(ds)
+    picked = first_per_class(dataset_targets(ds), args.limit)  # --limit: a stratified subset of that size
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision))
-    loader = torch.utils.data.DataLoader(SeededSamples(ds, range(n)), batch_size=args.batch_size, shuffle=False,
+    loader = torch.utils.data.DataLoader(SeededSamples(ds, picked), batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.num_workers)
     model, loader = accelerator.prepare(model, loader)
     res = evaluate(model, loader, accelerator, "evaluate", progress=not args.no_progress)

@@ -1,19 +1,23 @@
-"""``fcmae finetune [CONFIG] [key=value ...] [--init PATH] [--resume auto|DIR]``: supervised fine-tuning.
+"""``fcmae finetune [CONFIG] [key=value ...] [--init PATH] [--batch-size N ...] [--print-config]``: fine-tuning.
 
-Results: ``<run.output_dir>/summary.json`` (and the lines printed here).
+Results: ``<run.output_dir>/summary.json``, ``metrics.jsonl`` (and the lines printed here). ``--limit N`` limits
+both sets (``data.limit`` and ``data.val_limit``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-OPTIONS = {"--init": "model.init", "--resume": "run.resume"}
+from fcmae.commands._flags import TRAIN_FLAGS
+
+FLAGS = {**TRAIN_FLAGS, "limit": ("data.limit={}", "data.val_limit={}"), "init": ("model.init={}",)}
+EXAMPLES = ("finetune/fashion_mnist", "finetune/convnextv2_atto data.path=... --init encoder.safetensors")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from fcmae.commands._common import add_config_arguments
+    from fcmae.commands._flags import add_config_arguments
 
-    add_config_arguments(p, "finetune/fashion_mnist or configs/finetune/convnextv2_atto.yaml", OPTIONS)
+    add_config_arguments(p, "finetune", EXAMPLES, FLAGS, "model, data, optim, mixup, ema, run")
 
 
 def _pct(v: float | None) -> str:
@@ -21,11 +25,19 @@ def _pct(v: float | None) -> str:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import is_main_process, load_command_config, print_run_tail
-    from fcmae.config import FinetuneConfig
+    from fcmae.commands._common import tune_malloc
+    from fcmae.commands._flags import load_command_config
+    from fcmae.config import FinetuneConfig, config_yaml
+
+    cfg = load_command_config(FinetuneConfig, args, FLAGS)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    tune_malloc(args)
+    from fcmae.commands._common import is_main_process, print_run_tail
     from fcmae.train.finetuning import run_finetuning
 
-    s = run_finetuning(load_command_config(FinetuneConfig, args, OPTIONS))
+    s = run_finetuning(cfg)
     if not is_main_process():
         return 0
     ema = f"; EMA: top-1 {_pct(s['ema_top1'])} top-5 {_pct(s['ema_top5'])}" if s.get("ema_top1") is not None else ""

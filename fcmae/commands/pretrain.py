@@ -1,27 +1,38 @@
-"""``fcmae pretrain [CONFIG] [key=value ...] [--resume auto|DIR]``: FCMAE pretraining.
+"""``fcmae pretrain [CONFIG] [key=value ...] [--batch-size N ...] [--print-config]``: FCMAE pretraining.
 
-Results: ``<run.output_dir>/summary.json`` (and the lines printed here).
+Results: ``<run.output_dir>/summary.json``, ``metrics.jsonl`` (and the lines printed here).
 """
 
 from __future__ import annotations
 
 import argparse
 
-OPTIONS = {"--resume": "run.resume"}
+from fcmae.commands._flags import TRAIN_FLAGS
+
+FLAGS = TRAIN_FLAGS
+EXAMPLES = ("demo", "pretrain/convnextv2_atto data.path=...")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from fcmae.commands._common import add_config_arguments
+    from fcmae.commands._flags import add_config_arguments
 
-    add_config_arguments(p, "demo or configs/pretrain/convnextv2_atto.yaml", OPTIONS)
+    add_config_arguments(p, "pretrain", EXAMPLES, FLAGS, "model, data, optim, run, monitor")
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import is_main_process, load_command_config, print_run_tail
-    from fcmae.config import PretrainConfig
+    from fcmae.commands._common import tune_malloc
+    from fcmae.commands._flags import load_command_config
+    from fcmae.config import PretrainConfig, config_yaml
+
+    cfg = load_command_config(PretrainConfig, args, FLAGS)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    tune_malloc(args)
+    from fcmae.commands._common import is_main_process, print_run_tail
     from fcmae.train.pretraining import run_pretraining
 
-    s = run_pretraining(load_command_config(PretrainConfig, args, OPTIONS))
+    s = run_pretraining(cfg)
     if not is_main_process():
         return 0
     if s.get("figure"):

@@ -16,14 +16,16 @@ from typing import Any
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fcmae.commands._common import add_json_argument
+    from fcmae.commands._flags import add_flag
     from fcmae.commands.evaluate import add_data_arguments
 
     p.add_argument("weights", nargs="?", default=None, metavar="WEIGHTS",
                    help="encoder weights (any layout fcmae convert reads) or a run directory")
-    p.add_argument("--random-init", default=None, metavar="VARIANT", help="probe a random init of VARIANT instead")
-    p.add_argument("--no-grn", action="store_true", help="with --random-init: blocks without GRN")
+    add_flag(p, "random_init", None, "none; probe weights")
+    add_flag(p, "random_init_no_grn", None, "none")
+    p.add_argument("--no-grn", action="store_true", help=argparse.SUPPRESS)  # old spelling: --random-init V --no-grn
     p.add_argument("--raw-pixels", action="store_true", help="probe the (resized, normalised) pixels themselves")
-    p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
+    add_flag(p, "seed", 0)
     p.add_argument("--train", required=True, metavar="SPEC", help="labelled set the classifiers learn from")
     p.add_argument("--val", required=True, metavar="SPEC", help="labelled set they are scored on")
     p.add_argument("--labels-per-class", type=int, nargs="+", default=[0], metavar="K",
@@ -39,11 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    chosen = [x for x in (args.weights, args.random_init, args.raw_pixels or None) if x]
+    if args.no_grn:
+        if not args.random_init:
+            raise ValueError("--no-grn goes with --random-init (weights say themselves whether they have GRN)")
+        args.random_init, args.random_init_no_grn, args.no_grn = None, args.random_init, False
+    chosen = [x for x in (args.weights, args.random_init, args.random_init_no_grn, args.raw_pixels or None) if x]
     if len(chosen) != 1:
-        raise ValueError("give exactly one of WEIGHTS, --random-init VARIANT, --raw-pixels")
-    if args.no_grn and not args.random_init:
-        raise ValueError("--no-grn goes with --random-init (weights say themselves whether they have GRN)")
+        raise ValueError("give exactly one of WEIGHTS, --random-init VARIANT, --random-init-no-grn VARIANT, "
+                         "--raw-pixels")
     if any(k < 0 for k in args.labels_per_class):
         raise ValueError("--labels-per-class must be >= 0 (0 = all)")
     if args.knn_k < 1 or args.knn_t <= 0:
@@ -62,12 +67,13 @@ def build_encoder(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     if args.raw_pixels:
         return None, {"what": "raw pixels", "model": None, "layout": None, "use_grn": None, "metadata": {}}
-    if args.random_init:
+    if args.random_init or args.random_init_no_grn:
         torch.manual_seed(args.seed)
-        name = canonical_name(args.random_init)
-        model = create_model(name, num_classes=0, in_chans=args.in_chans or 3, use_grn=not args.no_grn).eval()
+        grn = bool(args.random_init)
+        name = canonical_name(args.random_init or args.random_init_no_grn)
+        model = create_model(name, num_classes=0, in_chans=args.in_chans or 3, use_grn=grn).eval()
         return model, {"what": f"random init of {name} (seed {args.seed})", "model": name, "layout": None,
-                       "use_grn": not args.no_grn, "metadata": {}}
+                       "use_grn": grn, "metadata": {}}
     model, info = load_encoder(args.weights, args.in_chans, args.ema)
     return model, {"what": info["path"], "model": info["name"], "layout": info["layout"], "use_grn": model.use_grn,
                    "metadata": info["metadata"]}
@@ -114,11 +120,14 @@ def _features(model: Any, ds: Any, indices: list[int], args: argparse.Namespace,
 
 def probe(args: argparse.Namespace) -> dict[str, Any]:
     """The whole command: data, features, every (budget, seed), summary dict (also the JSON)."""
+    from fcmae.commands._common import tune_malloc
+
+    _check_args(args)
+    tune_malloc(args)  # after the checks: a usage error is fast
     from fcmae.data import build_eval_transform, dataset_targets, first_per_class, labelled_dataset
     from fcmae.evaluation.features import evaluate_features, summarise
     from fcmae.models.convnextv2 import check_image_size
 
-    _check_args(args)
     model, desc = build_encoder(args)
     meta = desc.pop("metadata")
     in_chans = model.in_chans if model is not None else (args.in_chans or 3)

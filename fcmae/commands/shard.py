@@ -34,13 +34,14 @@ def parse_size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fcmae.commands._common import add_json_argument
+    from fcmae.commands._flags import add_flag
 
     p.add_argument("src", metavar="SRC", help="folder of images (class folders give labels)")
     p.add_argument("out", metavar="OUT", help="folder for the shards and index.json (empty or new)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="bytes per shard (default 1GB)")
     p.add_argument("--max-count", type=int, default=100_000, help="samples per shard at most (default 100000)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the order of the images across shards (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flag(p, "seed", 0)  # the order of the images across shards
+    add_flag(p, "no_progress")
     add_json_argument(p)
 
 

@@ -1,7 +1,8 @@
 """``fcmae visualize CHECKPOINT IMAGES... --out fig.png``: reconstruction figure of a pretraining checkpoint.
 
 CHECKPOINT is a pretraining output directory, one of its ``checkpoints/step_N`` directories, or a
-``model.safetensors`` written by one. Unreadable images are skipped and reported.
+``model.safetensors`` written by one: the reconstruction needs the decoder, so the exported ``encoder.safetensors``
+or fine-tuning weights are refused with a line saying so. Unreadable images are skipped and reported.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ from typing import Any
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fcmae.commands._common import add_json_argument
+    from fcmae.commands._flags import add_flag
 
     p.add_argument("checkpoint", help="pretraining output dir, its checkpoints/step_N dir, or a model.safetensors")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", default="reconstruction.png", help="PNG to write")
-    p.add_argument("--input-size", type=int, default=None, help="image side (default: the run's data.input_size)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    add_flag(p, "out", "reconstruction.png", "reconstruction.png; a PNG")
+    add_flag(p, "input_size", None, "the run's data.input_size")
+    add_flag(p, "seed", 0, "0; it draws the masks")
     p.add_argument("--mask-ratio", type=float, default=None, help="default: the run's model.mask_ratio")
-    p.add_argument("--limit", type=int, default=8, help="use the first N images only")
+    add_flag(p, "limit", 8, "8; the first N images found")
     add_json_argument(p)
 
 
@@ -75,8 +77,8 @@ def _visualize(args: argparse.Namespace) -> dict[str, Any]:
 def _report(r: dict[str, Any]) -> None:
     for why in r["skipped"]:
         print(f"skipped: {why}")
-    print(f"wrote {r['figure']} ({len(r['images'])} images: original | masked | prediction at removed patches | "
-          "prediction + visible)")
+    print(f"wrote {r['figure']} ({len(r['images'])} images; columns: original | masked | reconstruction (at the "
+          "removed patches) | reconstruction + visible)")
 
 
 def run(args: argparse.Namespace) -> int:

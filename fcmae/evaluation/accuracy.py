@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -28,7 +29,7 @@ def evaluate(model: nn.Module, loader: Iterable, accelerator, desc: str = "eval"
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # correct@1, correct@5, loss, n
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
-               disable=not (progress and accelerator.is_main_process))
+               disable=not (progress and accelerator.is_main_process and sys.stderr.isatty()))  # no \r in a log
     for batch in bar:
         if split:
             batch = send_to_device(batch, accelerator.device, non_blocking=True)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -34,7 +35,8 @@ def extract_features(model: nn.Module | None, loader: Iterable, device: torch.de
         was_training = model.training
         model.eval()
     feats, labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and sys.stderr.isatty()))
+    for batch in bar:
         x = batch[0].to(device)
         f = x.flatten(1) if model is None else model.forward_features(x).float().mean(dim=(2, 3))
         feats.append(f.float().cpu())

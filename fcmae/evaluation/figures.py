@@ -1,5 +1,5 @@
 """Reconstruction figures: original | masked | prediction at the removed patches | prediction pasted into the visible
-patches."""
+patches, with these column titles drawn on top (``TITLES``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from fcmae.models.fcmae import FCMAE, patchify, unpatchify
@@ -51,6 +51,27 @@ def _to_uint8(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.
     return (img.permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
+TITLES = ("original", "masked", "reconstruction", "reconstruction + visible")
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 (scalable with FreeType)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _draw_titles(canvas: Image.Image, cell: int, pad: int, header: int) -> None:
+    """The column titles, centred over each column in the ``header`` pixels on top."""
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(10, header - 8))
+    for j, title in enumerate(TITLES):
+        left, top, right, bottom = draw.textbbox((0, 0), title, font=font)
+        x = pad + j * (cell + pad) + (cell - (right - left)) // 2 - left
+        y = (header - (bottom - top)) // 2 - top
+        draw.text((x, y), title, fill=(0, 0, 0), font=font)
+
+
 def reconstruction_grid(
     model: FCMAE,
     imgs: Tensor,
@@ -61,7 +82,7 @@ def reconstruction_grid(
 ) -> Image.Image:
     """One row per image: original | masked (removed patches grey) | the prediction at the removed patches (visible
     ones grey: the decoder is never trained there, its output at visible cells is noise) | the prediction pasted
-    into the visible patches."""
+    into the visible patches; the column titles (``TITLES``) on top."""
     rec, pix = reconstruct(model, imgs, mask)
     imgs = imgs.float().cpu()
     rec, pix = rec.cpu(), pix.cpu()
@@ -72,14 +93,17 @@ def reconstruction_grid(
     n, _, height, width = imgs.shape
     scale = max(1, -(-min_cell // max(height, width)))
     pad = 4
-    cols = 4
-    canvas = Image.new("RGB", (cols * (width * scale + pad) + pad, n * (height * scale + pad) + pad), (255, 255, 255))
+    cols = len(TITLES)
+    header = max(16, min(28, width * scale // 8))
+    canvas = Image.new("RGB", (cols * (width * scale + pad) + pad, header + n * (height * scale + pad) + pad),
+                       (255, 255, 255))
+    _draw_titles(canvas, width * scale, pad, header)
     for i in range(n):
         for j, t in enumerate((imgs[i], masked[i], predicted[i], pasted[i])):
             tile = Image.fromarray(_to_uint8(t, mean, std))
             if scale > 1:
                 tile = tile.resize((width * scale, height * scale), Image.NEAREST)
-            canvas.paste(tile, (pad + j * (width * scale + pad), pad + i * (height * scale + pad)))
+            canvas.paste(tile, (pad + j * (width * scale + pad), header + pad + i * (height * scale + pad)))
     return canvas
 
 

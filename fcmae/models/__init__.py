@@ -1,12 +1,31 @@
 """Models: the variant registry, dense ConvNeXt V2, the sparse encoders, the masked-dense reference, FCMAE.
 
-Imports nothing of ours outside this package; weights are loaded one layer up (``fcmae.weights``).
+Imports nothing of ours outside this package; weights are loaded one layer up (``fcmae.weights``). The names below
+are resolved lazily (module ``__getattr__``): ``fcmae.models.registry`` is pure Python, and importing it (as
+``fcmae.config`` does) must not import torch.
 """
 
-from fcmae.models.convnextv2 import ConvNeXtV2, ConvNeXtV2Trunk, build_convnextv2, build_trunk
-from fcmae.models.fcmae import FCMAE, create_fcmae
-from fcmae.models.masking import MASK_RATIO, random_masking
-from fcmae.models.registry import Variant, canonical_name, get_variant, list_models
+from __future__ import annotations
 
-__all__ = ["FCMAE", "MASK_RATIO", "ConvNeXtV2", "ConvNeXtV2Trunk", "Variant", "build_convnextv2", "build_trunk",
-           "canonical_name", "create_fcmae", "get_variant", "list_models", "random_masking"]
+import importlib
+from typing import Any
+
+# public name -> the submodule that defines it
+_API = {
+    "ConvNeXtV2": "convnextv2", "ConvNeXtV2Trunk": "convnextv2", "build_convnextv2": "convnextv2",
+    "build_trunk": "convnextv2", "FCMAE": "fcmae", "create_fcmae": "fcmae", "MASK_RATIO": "registry",
+    "random_masking": "masking", "Variant": "registry", "canonical_name": "registry", "get_variant": "registry",
+    "list_models": "registry",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(f"fcmae.models.{_API[name]}"), name)
+    raise AttributeError(f"module 'fcmae.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

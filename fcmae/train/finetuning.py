@@ -214,7 +214,7 @@ class FinetuneRecipe(RecipeBase):
                                    "top1": f"{b.top1:.4f}", "top5": f"{b.top5:.4f}"})
         b.evaluated_at = st.step
         rec.update(best_top1=b.top1, best_source=b.source)
-        ctx.log(rec)
+        ctx.log({"type": "eval", **rec})
         ema_txt = f"; EMA top-1 {rec['ema_top1']:.2f} top-5 {rec['ema_top5']:.2f}" if self.ema is not None else ""
         ctx.say(f"eval after epoch {epoch} (step {st.step}): top-1 {res['top1']:.2f} top-5 {res['top5']:.2f} "
                     f"loss {res['loss']:.4f}{ema_txt}; best {b.top1:.2f} ({b.source})")

@@ -63,6 +63,12 @@ def load_pretraining_model(path: str | Path) -> tuple[nn.Module, PretrainConfig,
     p = resolve_weights_path(path, run_files=())  # the encoder alone cannot rebuild the decoder
     weights = p / "model.safetensors" if p.is_dir() else p
     sd, meta = load_state_dict_file(weights)
+    if "mask_token" not in sd or not any(k.startswith("decoder.") for k in sd):
+        what = ("the exported encoder alone" if meta.get("format") == "fcmae-encoder" else
+                "a classifier (fine-tuning weights)" if "head.weight" in sd or "head.1.weight" in sd else
+                "not an FCMAE model with its decoder")
+        raise WeightsError(f"{path}: {what}; the reconstruction needs the decoder: give the pretraining run folder "
+                           "(e.g. output/demo) or one of its checkpoints/step_N")
     cfg_path = next((d / "config.yaml" for d in weights.parents if (d / "config.yaml").is_file()), None)
     if cfg_path is not None:
         cfg = load_config(PretrainConfig, cfg_path)
@@ -118,7 +124,7 @@ class PretrainRecipe(RecipeBase):
             return
         st = ctx.state
         self.knn = {"step": st.step, "epoch": st.epoch, **self.monitor.measure(ctx.unwrapped.encoder)}
-        ctx.log(self.knn)
+        ctx.log({"type": "monitor", **self.knn})
         ctx.say(f"k-NN monitor at step {st.step}: top-1 {self.knn['knn_top1']:.2f} "
                     f"({self.knn['knn_seconds']:.1f} s)")
 

@@ -119,13 +119,25 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches (per process) consumed in the current epoch
     images_seen: int = 0
     skipped_files: int = 0  # unreadable files replaced by another one, summed over every batch trained on
+    elapsed_s: float = 0.0  # training time of the run so far, over every invocation (``time_s`` of metrics.jsonl)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
-    def load_state_dict(self, d: dict[str, int]) -> None:
+    def load_state_dict(self, d: dict[str, float]) -> None:
         for k, v in d.items():
-            setattr(self, k, int(v))
+            setattr(self, k, float(v) if k == "elapsed_s" else int(v))
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None: strict JSON (``null``)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 class MetricsLogger:
@@ -144,7 +156,7 @@ class MetricsLogger:
                 self.tb = None
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (and old summaries): a resumed run logs them again."""
+        """Drop records of steps after ``step`` (and summaries): a resumed run logs them again."""
         if not (self.enabled and self.path.is_file()):
             return
         keep = []
@@ -153,18 +165,19 @@ class MetricsLogger:
                 rec = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash
-            if "summary" not in rec and rec.get("step", 0) <= step:
+            if rec.get("type") != "summary" and "summary" not in rec and rec.get("step", 0) <= step:
                 keep.append(line)
         write_text_atomic(self.path, "".join(x + "\n" for x in keep))
 
     def log(self, record: dict[str, Any]) -> None:
+        """One record (a line of strict JSON: NaN is written as null); see ``Trainer.record`` for the schema."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         if self.tb is not None and "step" in record:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and k not in ("step", "timestamp"):
                     self.tb.add_scalar(k, v, record["step"])
 
     def image(self, tag: str, path: Path, step: int) -> None:
@@ -227,6 +240,56 @@ class _Pending:
             self.grad_norm = out["grad_norm"]
 
 
+def _hms(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}" if m >= 60 else f"{m}:{sec:02d}"
+
+
+class Progress:
+    """The whole run's progress on stderr (main process): on a terminal one tqdm bar over the optimizer steps
+    (global step / last step, loss, lr, images/s, the run's ETA); otherwise no bar (no carriage returns) but one
+    plain line per log window: ``step N/TOTAL epoch E loss L lr LR I img/s elapsed T eta T``."""
+
+    def __init__(self, enabled: bool, start_step: int, last_step: int) -> None:
+        self.enabled, self.start, self.last = enabled, start_step, last_step
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=last_step, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def eta(self, step: int) -> float | None:
+        """Seconds to the last step at this invocation's pace so far."""
+        done = step - self.start
+        return (time.perf_counter() - self.t0) / done * (self.last - step) if done > 0 else None
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def window(self, step: int, epoch: int, loss: float, lr: float, img_per_s: float, elapsed: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
+        elif self.enabled:
+            print(f"step {step}/{self.last} epoch {epoch} loss {loss:.4f} lr {lr:.3e} {img_per_s:.1f} img/s "
+                  f"elapsed {_hms(elapsed)} eta {_hms(self.eta(step))}", file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 # ------------------------------------------------------------------------------------------- the trainer
 class Trainer:
     """Runs a recipe (``fcmae.train.recipe.Recipe``) with a config that has ``optim`` and ``run`` sections.
@@ -241,15 +304,19 @@ class Trainer:
         self.cfg = cfg
         self.recipe = recipe
         self.hooks: list[StepHook] = list(hooks)
-        self.out_dir = Path(cfg.run.output_dir)
+        self.out_dir = Path(cfg.run.output_dir).absolute()  # every path the run reports is absolute
         self.ckpt_root = self.out_dir / "checkpoints"
         self.state = TrainState()
         self.summary: dict[str, Any] = {"output_dir": str(self.out_dir)}
+        self.progress: Progress | None = None
 
     # -- set-up --------------------------------------------------------------------------------------------
     def say(self, *args: Any) -> None:
         if self.accelerator.is_main_process:
-            print(*args, file=sys.stderr, flush=True)
+            if self.progress is not None:  # above the bar, when there is one
+                self.progress.write(" ".join(map(str, args)))
+            else:
+                print(*args, file=sys.stderr, flush=True)
 
     def _accelerator(self) -> None:
         from accelerate import Accelerator
@@ -295,6 +362,8 @@ class Trainer:
             good, bad = scan_checkpoints(self.ckpt_root)
             for p, why in bad:
                 self.say(f"skipping checkpoint {p}: {why}")
+            if not good:
+                self.say(f"run.resume=auto: no complete checkpoint in {self.ckpt_root}; starting fresh")
             return good[-1] if good else None
         if resume:
             p = Path(resume)
@@ -346,11 +415,27 @@ class Trainer:
         if self.accelerator.is_main_process:
             from fcmae.config import save_config
 
-            save_config(self.cfg, self.out_dir / "config.yaml")
+            s = self.schedule
+            save_config(self.cfg, self.out_dir / "config.yaml",
+                        f"used: effective batch {s.effective_batch}, lr {s.base_lr:.6g} (= blr {s.blr:.6g} x "
+                        f"{s.effective_batch} / 256), {s.total_steps} steps")
         self.logger = MetricsLogger(self.out_dir, self.accelerator.is_main_process)
         self.logger.truncate_after(self.state.step)
         self.ctx.resumed_from = self.resumed_from
-        self.ctx.log, self.ctx.image = self.logger.log, self.logger.image
+        self.ctx.log, self.ctx.image = self.record, self.logger.image
+        self.ctx.say = self.say  # type: ignore[method-assign]  # lines go above the progress bar
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run: the earlier invocations' (from the checkpoint) + this one's."""
+        return self.state.elapsed_s + time.perf_counter() - self.t_start
+
+    def record(self, rec: dict[str, Any], kind: str | None = None) -> None:
+        """One metrics.jsonl record: ``type`` (train | eval | monitor | summary; the recipe's records say theirs,
+        default train), the fields, ``time_s`` (training seconds of the whole run, continued across resumes) and
+        ``timestamp`` (wall clock, unix seconds)."""
+        rec = dict(rec)
+        kind = kind or rec.pop("type", "train")
+        self.logger.log({"type": kind, **rec, "time_s": self.elapsed(), "timestamp": time.time()})
 
     def _context(self) -> TrainContext:
         """The recipe's view of this trainer (logging is wired in once the metrics file is open)."""
@@ -367,6 +452,8 @@ class Trainer:
         self.say(f"effective batch {s.effective_batch} = {run.batch_size} x {acc.num_processes} x {run.accum_iter}; "
                  f"blr {s.blr:g} -> lr {s.base_lr:.3e}{given}; {s.steps_per_epoch} steps/epoch, {s.total_steps} "
                  f"steps total ({s.epochs} epochs), warmup {s.warmup_steps}")
+        if run.max_steps and s.last_step < s.total_steps:
+            self.say(f"run.max_steps={run.max_steps}: this invocation stops at step {s.last_step} of {s.total_steps}")
         self.summary.update(lr=s.base_lr, blr=s.blr, effective_batch=s.effective_batch, total_steps=s.total_steps)
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -376,20 +463,27 @@ class Trainer:
         self._describe()
         s = self.schedule
         self.recipe.train_mode(self.model)
-        self.t_start = time.perf_counter()
-        self.images_run, self.last_loss = 0, math.nan
+        self.t_start = self.t_invocation = time.perf_counter()
+        self.images_run, self.last_loss, self.window_loss = 0, math.nan, None
         self.pending = _Pending(self.accelerator.device)
         self.last_saved = self.state.step if self.resumed_from is not None else -1
-        while self.state.step < s.last_step:
-            self._epoch()
-        if self.last_saved != self.state.step:
-            self.save()
-        self._flush()
+        self.progress = Progress(self.cfg.run.progress and self.accelerator.is_main_process, self.state.step,
+                                 s.last_step)
+        try:
+            while self.state.step < s.last_step:
+                self._epoch()
+            if self.last_saved != self.state.step:
+                self.save()
+            self._flush()
+        except NonFiniteLossError as exc:
+            self._finish_failed(exc)
+            raise
+        finally:
+            self.progress.close()
         return self._finish()
 
     def _epoch(self) -> None:
         from accelerate.utils import send_to_device
-        from tqdm import tqdm
 
         st, s, acc, run = self.state, self.schedule, self.accelerator, self.cfg.run
         epoch = st.epoch
@@ -401,20 +495,18 @@ class Trainer:
             self.parts.train_set.skip_batches(st.batch_in_epoch)
             loader = (send_to_device(b, acc.device, non_blocking=True) for b in self.loader)
         batches_per_epoch = s.steps_per_epoch * run.accum_iter
-        self.bar = tqdm(total=batches_per_epoch - st.batch_in_epoch, desc=f"epoch {epoch}", leave=False,
-                        dynamic_ncols=True, disable=not (run.progress and acc.is_main_process))
         self._window_t, self._window_images = time.perf_counter(), 0  # since the last log line
         for batch in loader:
             if st.batch_in_epoch >= batches_per_epoch:
                 break  # leftover micro-batches that cannot fill an optimizer step
             if self._micro_step(batch) and st.step >= s.last_step:
                 break
-        self.bar.close()
         if st.batch_in_epoch >= batches_per_epoch:
             st.epoch += 1
             st.batch_in_epoch = 0
             self._flush()
-            self.say(f"epoch {epoch} done: step {st.step}, loss {self.last_loss:.4f}")
+            self.say(f"epoch {epoch + 1}/{s.epochs} done: step {st.step}/{s.last_step}, loss {self.last_loss:.4f}, "
+                     f"elapsed {_hms(self.elapsed())}, eta {_hms(self.progress.eta(st.step))}")
             self.recipe.on_epoch_end(self.ctx, epoch)
             self.recipe.train_mode(self.model)
             if st.epoch % run.save_every_epochs == 0 and self.last_saved != st.step:
@@ -434,10 +526,10 @@ class Trainer:
         st.images_seen += n_imgs
         self.images_run += n_imgs
         self._window_images += n_imgs
-        self.bar.update(1)
         if not out["stepped"]:
             return False
         st.step += 1
+        self.progress.step()
         self.recipe.after_step(self.ctx)
         if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
             self._log_step(lr)
@@ -476,33 +568,57 @@ class Trainer:
         st, now = self.state, time.perf_counter()
         flushed = self._flush()
         ips = self._window_images / max(now - self._window_t, 1e-9)
-        self.bar.set_postfix(loss=f"{flushed['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        self.window_loss = flushed["loss"]
+        self.progress.window(st.step, st.epoch, flushed["loss"], lr, ips, self.elapsed())
         rec = {"step": st.step, "epoch": st.epoch, "loss": flushed["loss"], "lr": lr, "blr": self.schedule.blr,
-               "img_per_s": ips, "images_seen": st.images_seen, "skipped_files": st.skipped_files,
-               "time_s": now - self.t_start}
+               "img_per_s": ips, "images_seen": st.images_seen, "skipped_files": st.skipped_files}
         if flushed["grad_norm"] is not None:
             rec["grad_norm"] = flushed["grad_norm"]
-        self.logger.log(rec)
+        self.record(rec, "train")
         self._window_t, self._window_images = now, 0
 
     def save(self) -> Path:
         self._flush()
+        self.state.elapsed_s, self.t_start = self.elapsed(), time.perf_counter()  # saved with the state
         path = save_checkpoint(self.accelerator, self.ckpt_root, self.state.step, self.cfg.run.keep_last)
         self.last_saved = self.state.step
         return path
 
-    def _finish(self) -> dict[str, Any]:
-        st, wall = self.state, time.perf_counter() - self.t_start
-        self.summary.update(self.recipe.finish(self.ctx))
+    def _write_summary(self, status: str, **extra: Any) -> None:
+        """``summary.json`` (strict JSON) and the last metrics.jsonl record (``type`` summary); see README Outputs.
+
+        ``status``: finished (the whole schedule), stopped (``run.max_steps`` ended it early; resume to go on) or
+        failed (``error`` says why); ``final_loss``: the mean loss of the last log window (the ``loss`` of the last
+        ``train`` record); ``time_s``: training seconds of the whole run, across resumes; ``wall_s``: this
+        invocation's. Paths are absolute.
+        """
+        from fcmae.config import to_dict
+
+        version = sys.modules["fcmae"].__version__  # the package (loaded before any of its modules); no upward import
+
+        st, wall = self.state, time.perf_counter() - self.t_invocation
+        ckpt = find_latest_checkpoint(self.ckpt_root)
+        self.summary.update(extra)
         self.summary.update({
-            "final_loss": self.last_loss, "steps": st.step, "epochs": st.epoch, "wall_s": wall,
+            "status": status, "fcmae_version": version, "final_loss": self.window_loss, "steps": st.step,
+            "epochs": st.epoch, "time_s": self.elapsed(), "wall_s": wall,
             "img_per_s": self.images_run / max(wall, 1e-9), "skipped_files": st.skipped_files,
-            "checkpoint": str(find_latest_checkpoint(self.ckpt_root)), "summary": str(self.out_dir / "summary.json"),
+            "checkpoint": str(ckpt) if ckpt is not None else None, "metrics": str(self.logger.path),
+            "summary": str(self.out_dir / "summary.json"), "config": to_dict(self.cfg),
         })
-        self.logger.log({"summary": self.summary})
+        self.summary = strict_json(self.summary)
+        self.record({"summary": self.summary}, "summary")
         self.logger.close()
         if self.accelerator.is_main_process:
             write_json_atomic(self.out_dir / "summary.json", self.summary)
+
+    def _finish_failed(self, exc: BaseException) -> None:
+        if self.accelerator.is_main_process:
+            self._write_summary("failed", error=str(exc).splitlines()[0])
+
+    def _finish(self) -> dict[str, Any]:
+        self.summary.update(self.recipe.finish(self.ctx))
+        self._write_summary("finished" if self.state.step >= self.schedule.total_steps else "stopped")
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self.summary
