@@ -54,6 +54,9 @@ class DataConfig:
     num_workers: int = 2
     on_bad_image: Literal["skip", "error"] = "skip"
     limit: int = 0  # use only the first N training images (0 = all), for quick experiments
+    # folder/imagenet pretraining: a list of the image files (one per line, relative to data.path), read when it
+    # exists, else written there by the first process after scanning (others read it: no second scan)
+    file_list: str = ""
     # data.source=webdataset: the shards' index.json when it is not beside them (e.g. for pipe:/URL shards)
     shard_index: str = ""
     shuffle_buffer: int = 1000  # webdataset: samples shuffled in memory per reader stream

@@ -34,6 +34,7 @@ from fcmae.data import (
     read_idx,
 )
 from fcmae.data.decode import is_complete_jpeg, pil_to_u8, read_image_u8
+from fcmae.data.images import PathList, scan_or_read_file_list
 from fcmae.data.sampling import SeededSamples
 from fcmae.data.transforms import DeviceNormalize, DeviceRandomErasing, crop_params
 
@@ -382,3 +383,33 @@ def test_crop_params_follow_the_random_resized_crop_rule() -> None:
         assert 0 <= top <= 375 - h and 0 <= left <= 500 - w
         assert 0.2 * 375 * 500 * 0.95 <= h * w <= 375 * 500 and 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
     assert crop_params(10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), rng) == (0, 493, 10, 13)  # no fit: central crop
+
+
+def test_path_list_is_compact_and_behaves_like_a_list(image_folder: Path) -> None:
+    paths = find_images(image_folder)
+    pl = PathList(paths)
+    assert len(pl) == len(paths) and list(pl) == paths and pl[-1] == paths[-1] and pl[1:3] == paths[1:3]
+    with pytest.raises(IndexError):
+        pl[len(paths)]
+    assert PathList([]).__len__() == 0
+    uni = PathList([image_folder / "ünï cødé.jpg"])
+    assert uni[0].name == "ünï cødé.jpg"
+
+
+def test_file_list_is_written_once_and_read_instead_of_scanning(tmp_path: Path, image_folder: Path) -> None:
+    """data.file_list: the first run scans and writes it; later runs (and other processes) read it, not the tree."""
+    from fcmae.config import PretrainConfig, load_config
+    from fcmae.train.pretraining import PretrainRecipe
+
+    listing = tmp_path / "files.txt"
+    cfg = load_config(PretrainConfig, None, ["data.source=folder", f"data.path={image_folder}", "data.input_size=32",
+                                             f"data.file_list={listing}", "model.name=convnextv2_test"])
+    first = PretrainRecipe(cfg).setup().train_set
+    assert listing.read_text().splitlines() == [p.relative_to(image_folder).as_posix() for p in
+                                                find_images(image_folder)]
+    (image_folder / "new.png").write_bytes((image_folder / "a.png").read_bytes())  # not in the list: not seen
+    second = PretrainRecipe(cfg).setup().train_set
+    assert list(second.base.paths) == list(first.base.paths) == scan_or_read_file_list(image_folder, str(listing))
+    listing.write_text("# comment\n\n")
+    with pytest.raises(DataError, match="lists no files"):
+        scan_or_read_file_list(image_folder, str(listing))

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Subset
 
 from fcmae.data.decode import read_image_u8
 from fcmae.data.fashion_mnist import DATASET_DEFAULT_FASHION_MNIST, DemoImages, DropLabels, FashionMNIST
-from fcmae.data.images import DataError, ImageFiles, LabeledImageFolder, find_images
+from fcmae.data.images import DataError, ImageFiles, LabeledImageFolder, scan_or_read_file_list
 from fcmae.data.sampling import SeededSamples
 from fcmae.data.transforms import (
     ResizeCenterCropU8,
@@ -44,7 +44,7 @@ def build_pretrain_dataset(cfg: Any, in_chans: int) -> Dataset:
         root = Path(cfg.path).expanduser()
         if cfg.source == "imagenet" and (root / "train").is_dir():
             root = root / "train"
-        paths = find_images(root)
+        paths = scan_or_read_file_list(root, cfg.file_list)
         # limit the paths (not a Subset) so replacements for bad files come from inside the limit too
         return ImageFiles(paths[:limit] if limit else paths, tf, in_chans, cfg.on_bad_image, reader=read_image_u8)
     if cfg.source == "fashion_mnist":

@@ -84,6 +84,19 @@ def load_pretraining_model(path: str | Path) -> tuple[nn.Module, PretrainConfig,
     return model.eval(), cfg, weights
 
 
+def _keep_file_list(data: Any, train_set: Any) -> None:
+    """Write the scanned file list to ``data.file_list`` when it names a file that does not exist yet."""
+    dst = Path(data.file_list).expanduser() if data.file_list else None
+    paths = getattr(getattr(train_set, "base", None), "paths", None)
+    if dst is None or dst.exists() or paths is None or data.limit:
+        return
+    from fcmae.weights.files import write_text_atomic
+
+    root = Path(data.path).expanduser()
+    root = root / "train" if data.source == "imagenet" and (root / "train").is_dir() else root
+    write_text_atomic(dst, "".join(f"{p.relative_to(root)}\n" for p in paths))
+
+
 class PretrainRecipe(RecipeBase):
     name = "pretrain"
 
@@ -100,6 +113,7 @@ class PretrainRecipe(RecipeBase):
         grid = (cfg.data.input_size // 32, cfg.data.input_size // 32)
         self.train_set = build_pretrain_train_set(cfg.data, cfg.model.in_chans, cfg.run.seed, grid,
                                                   cfg.model.mask_ratio)
+        _keep_file_list(cfg.data, self.train_set)
         model = build_model(cfg)
         return RecipeParts(model, self.train_set, param_groups(model, cfg.optim.weight_decay))
 

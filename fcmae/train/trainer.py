@@ -388,7 +388,8 @@ class Trainer:
         if self.accelerator.is_main_process and self.out_dir.exists() and not self.out_dir.is_dir():
             raise RunDirError(f"run.output_dir {self.out_dir} is a file, not a folder")
         # data and model: every user error in them comes before anything is written
-        self.parts: RecipeParts = self.recipe.setup()
+        with self.accelerator.main_process_first():  # e.g. one process scans a folder, the others read its list
+            self.parts: RecipeParts = self.recipe.setup()
         o = self.cfg.optim
         optimizer = torch.optim.AdamW(self.parts.param_groups, lr=0.0, betas=tuple(o.betas), eps=o.eps)
         loader = self._loader()
