@@ -1,4 +1,5 @@
-"""The ``fcmae`` console script: ``fcmae pretrain | convert | finetune | evaluate | visualize | probe | diagnose``.
+"""The ``fcmae`` console script: ``fcmae pretrain | convert | finetune | evaluate | visualize | probe | diagnose |
+verify``.
 
 Each subcommand lives in its own module and exposes ``add_arguments(parser)`` and ``run(args) -> int``; this
 file only dispatches, importing the subcommand's module lazily so ``fcmae --help`` stays fast.
@@ -21,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "visualize": ("fcmae.commands.visualize", "reconstruction figure of a pretraining checkpoint on images"),
     "probe": ("fcmae.commands.probe", "frozen-feature k-NN and linear-probe top-1 of any encoder weights"),
     "diagnose": ("fcmae.commands.diagnose", "feature-collapse analysis: channel cosine distance per block, plots"),
+    "verify": ("fcmae.commands.verify", "check every checkpoint of a run (sizes, checksums): ok, incomplete, corrupt"),
 }
 
 

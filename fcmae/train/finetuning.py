@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fcmae.config import EmaConfig, FinetuneConfig, MixupConfig, to_dict
-from fcmae.data.sampling import Sample
+from fcmae.data.sampling import Sample, ignore_stop_signals
 from fcmae.train.recipe import RecipeBase, RecipeParts, StepHook, TrainContext
 from fcmae.train.trainer import Trainer, param_groups
 
@@ -141,7 +141,8 @@ class FinetuneRecipe(RecipeBase):
         run = self.cfg.run
         val_loader = torch.utils.data.DataLoader(
             self.data.val, batch_size=run.eval_batch_size or 2 * run.batch_size, shuffle=False,
-            num_workers=self.cfg.data.num_workers, drop_last=False, pin_memory=torch.cuda.is_available())
+            num_workers=self.cfg.data.num_workers, drop_last=False, pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_stop_signals)
         self.val_loader = ctx.accelerator.prepare(val_loader)
         self.ema = build_ema(ctx.unwrapped, self.cfg.ema)  # after prepare: on the training device
 

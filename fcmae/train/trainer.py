@@ -22,17 +22,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fcmae.data.sampling import EpochSampler, Sample
+from fcmae.data.sampling import EpochSampler, Sample, ignore_stop_signals, shield_workers
 from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
-from fcmae.train.rundir import RunDirError, prepare_output_dir
-from fcmae.weights.checkpoints import (
-    checkpoint_problem,
-    cleanup_partial,
-    find_latest_checkpoint,
-    save_checkpoint,
-    scan_checkpoints,
-)
-from fcmae.weights.files import write_json_atomic, write_text_atomic
+from fcmae.train.rundir import RunDirError, RunLock, RunStart, open_run, record_segment
+from fcmae.train.stopping import RunInterrupted, StopRequest, signal_name
+from fcmae.weights.checkpoints import find_latest_checkpoint, save_checkpoint
+from fcmae.weights.files import strict_json, write_json_atomic, write_text_atomic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -161,7 +156,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
         if self.tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -245,6 +240,9 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.state = TrainState()
         self.summary: dict[str, Any] = {"output_dir": str(self.out_dir)}
+        self.stop = StopRequest()
+        self.stop_signum = 0  # the stop the processes agreed on (several processes; see _stop_now)
+        self.lock: RunLock | None = None
 
     # -- set-up --------------------------------------------------------------------------------------------
     def say(self, *args: Any) -> None:
@@ -275,23 +273,29 @@ class Trainer:
         return torch.utils.data.DataLoader(
             self.parts.train_set, batch_size=run.batch_size, sampler=self.sampler,
             num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=torch.cuda.is_available(),
-            persistent_workers=False, generator=torch.Generator().manual_seed(0))
+            persistent_workers=False, generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
 
-    def _resume_from(self) -> Path | None:
-        resume = self.cfg.run.resume
-        if resume == "auto":
-            good, bad = scan_checkpoints(self.ckpt_root)
-            for p, why in bad:
-                self.say(f"skipping checkpoint {p}: {why}")
-            return good[-1] if good else None
-        if resume:
-            p = Path(resume)
-            if not p.is_dir():
-                raise RunDirError(f"run.resume: checkpoint directory not found: {p}")
-            if why := checkpoint_problem(p):
-                raise RunDirError(f"run.resume: {p} is not a complete checkpoint: {why}")
-            return p
-        return None
+    def _open_run(self) -> RunStart:
+        """The main process locks the folder and decides what this start does (``rundir.open_run``); the others
+        receive the decision (or the error) from it, so every process resumes the same checkpoint or stops."""
+        acc, start, error = self.accelerator, RunStart(), None
+        if acc.is_main_process:
+            try:
+                self.lock = RunLock(self.out_dir)
+                if warning := self.lock.acquire():
+                    self.say(warning)
+                start = open_run(self.out_dir, self.ckpt_root, self.cfg, self.schedule.last_step)
+                for line in start.notes:
+                    self.say(line)
+            except (ValueError, OSError) as exc:  # ConfigError, RunDirError: user errors, reported by every rank
+                error = exc
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            start, error = broadcast_object_list([start, error], from_process=0)
+        if error is not None:
+            raise error
+        return start
 
     def _load_state(self, path: Path) -> None:
         try:
@@ -319,18 +323,14 @@ class Trainer:
         self.recipe.after_prepare(self.ctx)
         for obj in [self.state, *self.recipe.stateful()]:
             self.accelerator.register_for_checkpointing(obj)
-        if self.accelerator.is_main_process:
-            prepare_output_dir(self.out_dir, run.resume, run.overwrite)
-            for line in cleanup_partial(self.ckpt_root):
-                self.say(line)
-        self.accelerator.wait_for_everyone()
-        self.resumed_from = self._resume_from()
+        self.start = self._open_run()
+        if self.start.finished is not None:
+            return
+        self.resumed_from = self.start.resume_from
         if self.resumed_from is not None:
             self._load_state(self.resumed_from)
         if self.accelerator.is_main_process:
-            from fcmae.config import save_config
-
-            save_config(self.cfg, self.out_dir / "config.yaml")
+            record_segment(self.out_dir, self.cfg, self.resumed_from, self.state.step, self.start.changes)
         self.logger = MetricsLogger(self.out_dir, self.accelerator.is_main_process)
         self.logger.truncate_after(self.state.step)
         self.ctx.resumed_from = self.resumed_from
@@ -355,8 +355,31 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train as configured; returns the summary (also written to ``<output_dir>/summary.json``)."""
-        self._setup()
+        """Train as configured; returns the summary (also written to ``<output_dir>/summary.json``).
+
+        SIGTERM, SIGINT and SIGUSR1 stop the run at the end of the current optimizer step with a checkpoint and
+        raise ``RunInterrupted`` (``fcmae.train.stopping``); the handlers are in place only while ``fit`` runs. A
+        run that already reached its last step (``run.resume=auto``) returns its summary untouched, with
+        ``already_finished`` set.
+        """
+        self.stop.install()
+        shield_workers(True)
+        try:
+            self._setup()
+            if self.start.finished is not None:
+                return self._already_finished()
+            return self._train()
+        except RunInterrupted as exc:
+            if exc.aborted:  # a second signal: name the checkpoint the next start will resume from
+                exc.checkpoint, exc.step = find_latest_checkpoint(self.ckpt_root), self.state.step
+            raise
+        finally:
+            shield_workers(False)
+            self.stop.restore()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> dict[str, Any]:
         self._describe()
         s = self.schedule
         self.recipe.train_mode(self.model)
@@ -364,12 +387,45 @@ class Trainer:
         self.images_run, self.last_loss = 0, math.nan
         self.pending = _Pending(self.accelerator.device)
         self.last_saved = self.state.step if self.resumed_from is not None else -1
-        while self.state.step < s.last_step:
+        self.save_due = False  # a step checkpoint deferred to the end of its epoch (see _micro_step)
+        while self.state.step < s.last_step and not self._stop_now():
             self._epoch()
+        if self.state.step < s.last_step:
+            self._stop_here()
         if self.last_saved != self.state.step:
             self.save()
         self._flush()
         return self._finish()
+
+    def _stop_now(self) -> bool:
+        """Whether a stop signal ends the run at this step boundary.
+
+        One process: as soon as its handler saw one (a Python flag: no device read). Several: only once they agreed
+        on it, which they do in ``_flush``, the host read every process makes at the same steps anyway (log steps,
+        saves, epoch ends): no extra sync per step, at the price of a stop up to ``run.log_every`` steps late.
+        A scheduler usually signals every process; one that was not signalled stops with the others."""
+        if self.accelerator.num_processes == 1:
+            return self.stop.signum is not None
+        return self.stop_signum > 0
+
+    def _stop_here(self) -> None:
+        """Save the step reached (the normal checkpoint path), log it and raise ``RunInterrupted``."""
+        st = self.state
+        signum = self.stop.signum or self.stop_signum
+        if st.step > 0 and self.last_saved != st.step:
+            self.save()
+        self._flush()
+        ckpt = find_latest_checkpoint(self.ckpt_root) if st.step > 0 else None
+        self.logger.log({"interrupted": {"signal": signal_name(signum), "step": st.step, "checkpoint": str(ckpt),
+                                         "stop_s": time.monotonic() - self.stop.time if self.stop.time else None}})
+        self.logger.close()
+        raise RunInterrupted(signum, ckpt, st.step)
+
+    def _already_finished(self) -> dict[str, Any]:
+        summary = {**self.start.finished, "already_finished": True}
+        self.say(f"run.output_dir {self.out_dir} holds a finished run ({summary.get('steps')} steps, "
+                 f"{self.out_dir / 'summary.json'}): nothing to do")
+        return summary
 
     def _epoch(self) -> None:
         from tqdm import tqdm
@@ -386,7 +442,7 @@ class Trainer:
         for batch in loader:
             if st.batch_in_epoch >= batches_per_epoch:
                 break  # leftover micro-batches that cannot fill an optimizer step
-            if self._micro_step(batch) and st.step >= s.last_step:
+            if self._micro_step(batch) and (st.step >= s.last_step or self._stop_now()):
                 break
         self.bar.close()
         if st.batch_in_epoch >= batches_per_epoch:
@@ -396,7 +452,8 @@ class Trainer:
             self.say(f"epoch {epoch} done: step {st.step}, loss {self.last_loss:.4f}")
             self.recipe.on_epoch_end(self.ctx, epoch)
             self.recipe.train_mode(self.model)
-            if st.epoch % run.save_every_epochs == 0 and self.last_saved != st.step:
+            due, self.save_due = st.epoch % run.save_every_epochs == 0 or self.save_due, False
+            if due and self.last_saved != st.step:
                 self.save()
 
     def _micro_step(self, batch: Sample) -> bool:
@@ -421,7 +478,12 @@ class Trainer:
         if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
             self._log_step(lr)
         if self.cfg.run.save_every_steps and st.step % self.cfg.run.save_every_steps == 0:
-            self.save()
+            # a step that ends its epoch is saved after the epoch-end work (evaluation, the epoch counter): a
+            # checkpoint from before it would make a resumed run evaluate and log that epoch a second time
+            if st.batch_in_epoch >= self.schedule.steps_per_epoch * self.cfg.run.accum_iter:
+                self.save_due = True
+            else:
+                self.save()
         for hook in self.hooks:
             hook(self.ctx)
         return True
@@ -435,8 +497,12 @@ class Trainer:
         p, acc = self.pending, self.accelerator
         if p.count == 0:
             return {"loss": self.last_loss, "grad_norm": None}
-        packed = torch.stack([p.loss_sum, p.last_loss, p.bad_step.float(), p.skipped.float()]).reshape(1, 4)
+        # the stop flag rides on this read (every process has it): the processes agree on a stop here, at the
+        # same step, without a host sync of their own (see _stop_now)
+        stop = torch.tensor(float(self.stop.signum or 0), device=acc.device)
+        packed = torch.stack([p.loss_sum, p.last_loss, p.bad_step.float(), p.skipped.float(), stop]).reshape(1, 5)
         rows = acc.gather(packed).tolist()
+        self.stop_signum = self.stop_signum or int(max(r[4] for r in rows))
         grad_norm = float(p.grad_norm) if p.grad_norm is not None else None
         self.pending = _Pending(acc.device)
         bad = [int(r[2]) for r in rows if r[2] >= 0]
