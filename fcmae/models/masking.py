@@ -2,7 +2,9 @@
 
 A mask lives on the encoder's final grid (one cell per 32x32 pixels): a bool tensor ``(N, L)`` with
 ``L = h * w`` cells in row-major order, ``True`` = removed. Every image keeps exactly
-``int(L * (1 - mask_ratio))`` cells, so the visible positions of a batch form a regular tensor.
+``max(1, int(L * (1 - mask_ratio)))`` cells (``num_kept``), so the visible positions of a batch form a regular
+tensor; a pretraining config where the ``max`` matters, or that removes nothing, is refused
+(``fcmae.config.PretrainConfig.validate``).
 """
 
 from __future__ import annotations
