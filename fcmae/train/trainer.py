@@ -1,10 +1,12 @@
 """The trainer: one training loop on accelerate for every recipe.
 
-The trainer owns devices and mixed precision, the output folder and the merged config, the seeded data loader,
-AdamW with the recipe's parameter groups, the warmup + cosine schedule (sized in epochs or steps), gradient
-accumulation and clipping, the non-finite-loss stop, resume, checkpoint cadence, metrics (JSONL, TensorBoard when
-installed), the progress bar and the final ``summary.json``. A :class:`Recipe` says only what differs: the model,
-the data, the parameter groups, the loss of one batch, and what happens after a step, at an epoch end and at the end.
+The trainer owns devices and mixed precision, the output folder (locked for the run) and the merged config, the
+seeded data loader, AdamW with the recipe's parameter groups, the warmup + cosine schedule (sized in epochs or
+steps), gradient accumulation and clipping, the non-finite-loss stop, the stop on a signal (SIGTERM, SIGINT,
+SIGUSR1: a checkpoint at the step reached, ``RunInterrupted``), resume, checkpoint cadence, metrics (JSONL,
+TensorBoard when installed), the progress bar and the final ``summary.json``. A :class:`Recipe` says only what
+differs: the model, the data, the parameter groups, the loss of one batch, and what happens after a step, at an epoch
+end and at the end.
 """
 
 from __future__ import annotations
