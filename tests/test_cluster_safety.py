@@ -229,6 +229,9 @@ def test_resume_refuses_a_changed_training_config(tmp_path, capsys):
     assert entry["changed"] == {"optim.lr": {"old": 0.001, "new": 0.002}} and entry["step"] == 4
     assert entry["previous_config"]["optim"]["lr"] == 0.001 and entry["config"]["optim"]["lr"] == 0.002
     assert "lr: 0.001" in (out / "config.yaml").read_text()  # the first segment's config stays as it was
+    from fcmae.train.pretraining import load_pretraining_model
+
+    assert load_pretraining_model(out)[1].optim.lr == 0.002  # the weights' config: the last segment's
 
 
 # ------------------------------------------------------------------------------------------- checksums

@@ -93,9 +93,9 @@ def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
         if is_main_process():
             print(f"fcmae {command}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_status
-    except KeyboardInterrupt:  # Ctrl-C before the trainer's handlers were in place: nothing was trained
+    except KeyboardInterrupt:  # Ctrl-C outside a trainer's fit (its handlers turn it into RunInterrupted)
         if is_main_process():
-            print(f"fcmae {command}: interrupted (SIGINT) before training started", file=sys.stderr, flush=True)
+            print(f"fcmae {command}: interrupted (SIGINT)", file=sys.stderr, flush=True)
         return 130
     except Exception as exc:
         if os.environ.get("FCMAE_DEBUG"):
