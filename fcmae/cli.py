@@ -1,5 +1,5 @@
 """The ``fcmae`` console script: ``fcmae pretrain | convert | finetune | evaluate | visualize | probe | diagnose |
-shard``.
+shard | verify``.
 
 Each subcommand lives in its own module and exposes ``add_arguments(parser)`` and ``run(args) -> int``; this
 file only dispatches, importing the subcommand's module lazily so ``fcmae --help`` stays fast.
@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("fcmae.commands.probe", "frozen-feature k-NN and linear-probe top-1 of any encoder weights"),
     "diagnose": ("fcmae.commands.diagnose", "feature-collapse analysis: channel cosine distance per block, plots"),
     "shard": ("fcmae.commands.shard", "write WebDataset tar shards (and their index) from a folder of images"),
+    "verify": ("fcmae.commands.verify", "check every checkpoint of a run (sizes, checksums): ok, incomplete, corrupt"),
 }
 
 

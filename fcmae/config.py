@@ -99,6 +99,9 @@ class RunConfig:
     log_every: int = 10
     threads: int = 0  # torch intra-op threads (0 = the library default: torch picks, usually one per core)
     progress: bool = True
+    # resume=auto refuses a config that changes what is trained (see TRAINING_KEYS_FREE); true resumes anyway and
+    # records both configs in config_history.jsonl
+    allow_config_change: bool = False
 
 
 def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
@@ -192,6 +195,29 @@ class MonitorConfig:
     data_root: str = ""  # Fashion-MNIST IDX folder ("" = data.path or the Debian location)
 
 
+def _check_mask(mask_ratio: float, input_size: int) -> None:
+    """The mask must remove at least one cell of the 1/32 grid and keep at least one, and remove exactly the
+    documented ``L - int(L * (1 - ratio))`` cells: ``num_kept`` keeps at least one cell, so where
+    ``int(L * (1 - ratio))`` is 0 it would silently remove fewer than the ratio says."""
+    from fcmae.models.registry import num_kept
+
+    side = input_size // 32
+    cells = side * side
+    documented = cells - int(cells * (1.0 - mask_ratio))
+    removed = cells - num_kept(cells, mask_ratio)
+    where = f"the {side}x{side} mask grid of data.input_size={input_size} ({cells} cell{'s' * (cells > 1)})"
+    if cells < 2:
+        raise ConfigError(f"model.mask_ratio={mask_ratio!r}: {where} cannot both remove a cell and keep one "
+                          f"(cells removed: {removed}); use data.input_size >= 64")
+    if removed == 0:
+        raise ConfigError(f"model.mask_ratio={mask_ratio!r} removes no cell of {where} (cells removed: 0); use a "
+                          f"ratio of at least {1 / cells:g}")
+    if removed != documented:
+        raise ConfigError(f"model.mask_ratio={mask_ratio!r} would remove all {documented} cells of {where}, but "
+                          f"one must stay visible (cells removed: {removed}); use a ratio of at most "
+                          f"{1 - 1 / cells:g}")
+
+
 @dataclass
 class PretrainConfig:
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
@@ -206,6 +232,7 @@ class PretrainConfig:
         _check(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "must be in [0, 1)")
         _check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth, "must be >= 0")
         _check(m.decoder_embed_dim >= 1, "model.decoder_embed_dim", m.decoder_embed_dim, "must be >= 1")
+        _check_mask(m.mask_ratio, d.input_size)
         _check(m.use_grn or m.backend == "torch", "model.use_grn", m.use_grn,
                "must be true with model.backend=minkowski (that backend has no GRN-free blocks)")
         _check(d.source in ("demo", "fashion_mnist") or d.path != "", "data.path", d.path,
@@ -335,6 +362,38 @@ class FinetuneConfig:
         _check(0.0 < o.layer_decay <= 1.0, "optim.layer_decay", o.layer_decay, "must be in (0, 1] (1 = off)")
         _check(r.eval_batch_size >= 0, "run.eval_batch_size", r.eval_batch_size, "must be >= 0")
         _check(r.eval_every_epochs >= 1, "run.eval_every_epochs", r.eval_every_epochs, "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------- resume checks
+# keys a resumed run may change freely: they change how a run is watched, saved, paced or where it stops, not what
+# is trained. Every other key (model.*, data.*, optim.*, mixup.*, ema.*, run.batch_size, run.accum_iter, run.seed,
+# run.mixed_precision, run.linear_probe ...) changes the training, and run.resume=auto refuses a change of it.
+TRAINING_KEYS_FREE = frozenset({
+    "data.num_workers", "run.output_dir", "run.resume", "run.overwrite", "run.allow_config_change", "run.max_steps",
+    "run.save_every_steps", "run.save_every_epochs", "run.keep_last", "run.log_every", "run.threads",
+    "run.progress", "run.export_every_epochs", "run.num_vis_images", "run.eval_batch_size", "run.eval_every_epochs",
+})
+TRAINING_PREFIXES_FREE = ("monitor.",)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists and tuples stay values)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def training_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``[(key, old value, new value)]`` for the keys that change what is trained (not in ``TRAINING_KEYS_FREE``)
+    and differ between two configs (nested dicts, e.g. ``to_dict(cfg)`` and a saved ``config.yaml``). A key only
+    one of them has (a config written by another version) is not a change."""
+    a, b = flatten(old), flatten(new)
+    return [(k, a[k], b[k]) for k in a if k in b and a[k] != b[k] and k not in TRAINING_KEYS_FREE
+            and not k.startswith(TRAINING_PREFIXES_FREE)]
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -402,7 +402,7 @@ def test_file_list_is_written_once_and_read_instead_of_scanning(tmp_path: Path, 
     from fcmae.train.pretraining import PretrainRecipe
 
     listing = tmp_path / "files.txt"
-    cfg = load_config(PretrainConfig, None, ["data.source=folder", f"data.path={image_folder}", "data.input_size=32",
+    cfg = load_config(PretrainConfig, None, ["data.source=folder", f"data.path={image_folder}", "data.input_size=64",
                                              f"data.file_list={listing}", "model.name=convnextv2_test"])
     first = PretrainRecipe(cfg).setup().train_set
     assert listing.read_text().splitlines() == [p.relative_to(image_folder).as_posix() for p in

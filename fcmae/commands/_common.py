@@ -3,7 +3,9 @@ config + overrides parsing are in ``fcmae.commands._flags``).
 
 User errors (a bad config key or value, a missing path, an empty dataset, an unreadable or unfitting checkpoint,
 a full disk) end a command with one line on stderr naming the problem and a non-zero status: 2 for usage and
-config errors, 3 for a non-finite loss, 1 for everything else. ``FCMAE_DEBUG=1`` shows the traceback instead.
+config errors, 3 for a non-finite loss, 1 for everything else. A run stopped by a signal
+(``fcmae.train.stopping.RunInterrupted``) ends with one line naming its checkpoint and status 143 (SIGTERM,
+SIGUSR1) or 130 (SIGINT). ``FCMAE_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -46,9 +48,18 @@ def one_line(exc: BaseException) -> str:
 def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
     """Run ``fn``; a user error becomes one line on stderr and its exit status (see the module docstring)."""
     from fcmae.config import ConfigError
+    from fcmae.train.stopping import RunInterrupted  # no torch: a config error stays fast
 
     try:
         return int(fn() or 0)
+    except RunInterrupted as exc:  # stopped on a signal: where the checkpoint is, how to continue; 143 or 130
+        if is_main_process():
+            print(f"fcmae {command}: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside a trainer's fit (its handlers turn it into RunInterrupted)
+        if is_main_process():
+            print(f"fcmae {command}: interrupted (SIGINT)", file=sys.stderr, flush=True)
+        return 130
     except Exception as exc:
         if os.environ.get("FCMAE_DEBUG"):
             raise

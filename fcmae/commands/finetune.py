@@ -38,7 +38,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from fcmae.train.finetuning import run_finetuning
 
     s = run_finetuning(cfg)
-    if not is_main_process():
+    if not is_main_process() or s.get("already_finished"):  # a finished run: the trainer said so in one line
         return 0
     ema = f"; EMA: top-1 {_pct(s['ema_top1'])} top-5 {_pct(s['ema_top5'])}" if s.get("ema_top1") is not None else ""
     print(f"model: top-1 {_pct(s['val_top1'])} top-5 {_pct(s['val_top5'])}{ema}")

@@ -33,7 +33,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from fcmae.train.pretraining import run_pretraining
 
     s = run_pretraining(cfg)
-    if not is_main_process():
+    if not is_main_process() or s.get("already_finished"):  # a finished run: the trainer said so in one line
         return 0
     if s.get("figure"):
         print(f"reconstruction figure: {s['figure']}")

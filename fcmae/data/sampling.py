@@ -9,9 +9,11 @@ model/optimiser/RNG state this makes a resumed run equal to an uninterrupted one
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import signal
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -153,3 +155,40 @@ class SeededSamples(Dataset):
         g = torch.Generator().manual_seed((s if s is not None else index) ^ 0x5DEECE66D)
         mask = random_masking(1, self.mask_grid, self.mask_ratio, generator=g)[0]
         return Sample(item[0], mask, skipped)
+
+
+# 1 while a trainer's loop runs in the main process; shared with the DataLoader workers it forks (see
+# ignore_stop_signals). A RawValue in shared memory: a worker reads it from its signal handler without a lock.
+_TRAINING: Any = None
+
+
+def shield_workers(active: bool) -> None:
+    """Main process: while ``active``, DataLoader workers forked from here ignore SIGTERM (the trainer decides when
+    the run stops, and ends its workers itself); afterwards a SIGTERM ends them again, as ``multiprocessing``
+    expects of the daemon workers it terminates (and then waits for) at interpreter exit."""
+    global _TRAINING
+    if _TRAINING is None:
+        import multiprocessing
+
+        _TRAINING = multiprocessing.RawValue("b", 0)
+    _TRAINING.value = int(active)
+
+
+def _worker_sigterm(signum: int, frame: Any) -> None:
+    if _TRAINING is not None and _TRAINING.value:
+        return  # the main process got it too (a scheduler signals the whole job): it stops the run
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)  # end as a terminated worker is expected to
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores SIGINT, and SIGTERM while the trainer runs.
+
+    A terminal's Ctrl-C (and a scheduler's signal to the process group) reaches the workers too; PyTorch's worker
+    then ends itself and the main process dies of "DataLoader worker exited unexpectedly" instead of stopping
+    cleanly. Ignoring them leaves the decision to the main process, whose trainer finishes the step, saves and
+    exits; the workers end with it (they watch their parent). SIGTERM is ignored only while the parent trains
+    (``shield_workers``), so ``multiprocessing``'s terminate-and-wait at exit still ends a worker left alive.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)

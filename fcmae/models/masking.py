@@ -2,7 +2,9 @@
 
 A mask lives on the encoder's final grid (one cell per 32x32 pixels): a bool tensor ``(N, L)`` with
 ``L = h * w`` cells in row-major order, ``True`` = removed. Every image keeps exactly
-``int(L * (1 - mask_ratio))`` cells, so the visible positions of a batch form a regular tensor.
+``max(1, int(L * (1 - mask_ratio)))`` cells (``num_kept``), so the visible positions of a batch form a regular
+tensor; a pretraining config where the ``max`` matters, or that removes nothing, is refused
+(``fcmae.config.PretrainConfig.validate``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fcmae.models.registry import MASK_RATIO
+from fcmae.models.registry import MASK_RATIO, check_mask_ratio, num_kept
 
 __all__ = ["MASK_RATIO", "check_mask_ratio", "check_on_device", "kept_indices", "num_kept", "random_masking",
            "upsample_mask"]
@@ -21,17 +23,6 @@ def _grid(grid_size: int | tuple[int, int]) -> tuple[int, int]:
         return grid_size, grid_size
     h, w = grid_size
     return int(h), int(w)
-
-
-def num_kept(num_cells: int, mask_ratio: float) -> int:
-    """Number of visible cells per image: ``int(L * (1 - mask_ratio))``, at least 1."""
-    check_mask_ratio(mask_ratio)
-    return max(1, int(num_cells * (1.0 - mask_ratio)))
-
-
-def check_mask_ratio(mask_ratio: float) -> None:
-    if not (0.0 <= float(mask_ratio) < 1.0):
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
 
 
 def random_masking(

@@ -82,3 +82,15 @@ def mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if in_chans == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     return GRAY_MEAN * in_chans, GRAY_STD * in_chans
+
+
+def num_kept(num_cells: int, mask_ratio: float) -> int:
+    """Number of visible cells per image: ``int(L * (1 - mask_ratio))``, at least 1 (pure Python: the config checks
+    it without importing torch)."""
+    check_mask_ratio(mask_ratio)
+    return max(1, int(num_cells * (1.0 - mask_ratio)))
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    if not (0.0 <= float(mask_ratio) < 1.0):
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")

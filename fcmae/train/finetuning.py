@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fcmae.config import EmaConfig, FinetuneConfig, MixupConfig, to_dict
-from fcmae.data.sampling import Sample
+from fcmae.data.sampling import Sample, ignore_stop_signals
 from fcmae.data.transforms import DeviceNormalize, DeviceRandomErasing
 from fcmae.models.registry import mean_std
 from fcmae.train.recipe import RecipeBase, RecipeParts, StepHook, TrainContext
@@ -144,15 +144,15 @@ class FinetuneRecipe(RecipeBase):
     def after_prepare(self, ctx: TrainContext) -> None:
         run, acc, val = self.cfg.run, ctx.accelerator, self.data.val
         batch, workers = run.eval_batch_size or 2 * run.batch_size, self.cfg.data.num_workers
-        pin = torch.cuda.is_available()
+        opts = {"num_workers": workers, "pin_memory": torch.cuda.is_available(), "worker_init_fn": ignore_stop_signals}
         # shards: each process evaluates its own shards (no accelerate splitting; sums are reduced once at the end)
         self.val_split = isinstance(val, torch.utils.data.IterableDataset)
         if self.val_split:
             val.configure(acc.process_index, acc.num_processes, batch, workers)
-            self.val_loader = torch.utils.data.DataLoader(val, batch_size=batch, num_workers=workers, pin_memory=pin)
+            self.val_loader = torch.utils.data.DataLoader(val, batch_size=batch, **opts)
         else:
-            self.val_loader = acc.prepare(torch.utils.data.DataLoader(
-                val, batch_size=batch, shuffle=False, num_workers=workers, drop_last=False, pin_memory=pin))
+            self.val_loader = acc.prepare(torch.utils.data.DataLoader(val, batch_size=batch, shuffle=False,
+                                                                      drop_last=False, **opts))
         self.ema = build_ema(ctx.unwrapped, self.cfg.ema)  # after prepare: on the training device
 
     def stateful(self) -> list[Any]:

@@ -27,6 +27,7 @@ from fcmae.data.transforms import DeviceNormalize
 from fcmae.models.masking import num_kept
 from fcmae.models.registry import mean_std
 from fcmae.train.recipe import RecipeBase, RecipeParts, StepHook, TrainContext
+from fcmae.train.rundir import HISTORY, saved_config
 from fcmae.train.trainer import Trainer, param_groups
 
 
@@ -54,7 +55,8 @@ def export_encoder(model: nn.Module, cfg: PretrainConfig, path: Path, epoch: int
 def load_pretraining_model(path: str | Path) -> tuple[nn.Module, PretrainConfig, Path]:
     """An FCMAE model (encoder + decoder) from a pretraining run directory, one of its checkpoints, or a
     ``model.safetensors`` written by one. The architecture comes from the run's ``config.yaml`` (searched upwards
-    from the weights) or the ``config`` metadata of the file. Returns ``(model in eval mode, PretrainConfig, file)``.
+    from the weights; the last segment's from ``config_history.jsonl`` when the run was resumed) or the ``config``
+    metadata of the file. Returns ``(model in eval mode, PretrainConfig, file)``.
     """
     from fcmae.config import config_from_dict, load_config
     from fcmae.weights.files import load_state_dict_file
@@ -70,7 +72,9 @@ def load_pretraining_model(path: str | Path) -> tuple[nn.Module, PretrainConfig,
         raise WeightsError(f"{path}: {what}; the reconstruction needs the decoder: give the pretraining run folder "
                            "(e.g. output/demo) or one of its checkpoints/step_N")
     cfg_path = next((d / "config.yaml" for d in weights.parents if (d / "config.yaml").is_file()), None)
-    if cfg_path is not None:
+    if cfg_path is not None and (cfg_path.parent / HISTORY).is_file():  # resumed with a changed config
+        cfg = config_from_dict(PretrainConfig, saved_config(cfg_path.parent)[0])
+    elif cfg_path is not None:
         cfg = load_config(PretrainConfig, cfg_path)
     elif "config" in meta:
         cfg = config_from_dict(PretrainConfig, json.loads(meta["config"]))

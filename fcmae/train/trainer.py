@@ -1,10 +1,12 @@
 """The trainer: one training loop on accelerate for every recipe.
 
-The trainer owns devices and mixed precision, the output folder and the merged config, the seeded data loader,
-AdamW with the recipe's parameter groups, the warmup + cosine schedule (sized in epochs or steps), gradient
-accumulation and clipping, the non-finite-loss stop, resume, checkpoint cadence, metrics (JSONL, TensorBoard when
-installed), the progress bar and the final ``summary.json``. A :class:`Recipe` says only what differs: the model,
-the data, the parameter groups, the loss of one batch, and what happens after a step, at an epoch end and at the end.
+The trainer owns devices and mixed precision, the output folder (locked for the run) and the merged config, the
+seeded data loader, AdamW with the recipe's parameter groups, the warmup + cosine schedule (sized in epochs or
+steps), gradient accumulation and clipping, the non-finite-loss stop, the stop on a signal (SIGTERM, SIGINT,
+SIGUSR1: a checkpoint at the step reached, ``RunInterrupted``), resume, checkpoint cadence, metrics (JSONL,
+TensorBoard when installed), the progress bar and the final ``summary.json``. A :class:`Recipe` says only what
+differs: the model, the data, the parameter groups, the loss of one batch, and what happens after a step, at an epoch
+end and at the end.
 """
 
 from __future__ import annotations
@@ -22,17 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fcmae.data.sampling import EpochSampler, Sample
+from fcmae.data.sampling import EpochSampler, Sample, ignore_stop_signals, shield_workers
 from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
-from fcmae.train.rundir import RunDirError, prepare_output_dir
-from fcmae.weights.checkpoints import (
-    checkpoint_problem,
-    cleanup_partial,
-    find_latest_checkpoint,
-    save_checkpoint,
-    scan_checkpoints,
-)
-from fcmae.weights.files import write_json_atomic, write_text_atomic
+from fcmae.train.rundir import RunDirError, RunLock, RunStart, open_run, record_segment
+from fcmae.train.stopping import RunInterrupted, StopRequest, signal_name
+from fcmae.weights.checkpoints import find_latest_checkpoint, save_checkpoint
+from fcmae.weights.files import strict_json, strict_json_value, write_json_atomic, write_text_atomic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,17 +126,6 @@ class TrainState:
             setattr(self, k, float(v) if k == "elapsed_s" else int(v))
 
 
-def strict_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, inf) replaced by None: strict JSON (``null``)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
 class MetricsLogger:
     """JSONL metrics (always) and TensorBoard scalars and images (when installed); main process only."""
 
@@ -174,7 +160,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+            f.write(strict_json(record) + "\n")
         if self.tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "timestamp"):
@@ -309,6 +295,9 @@ class Trainer:
         self.state = TrainState()
         self.summary: dict[str, Any] = {"output_dir": str(self.out_dir)}
         self.progress: Progress | None = None
+        self.stop = StopRequest()
+        self.stop_signum = 0  # the stop the processes agreed on (several processes; see _stop_now)
+        self.lock: RunLock | None = None
 
     # -- set-up --------------------------------------------------------------------------------------------
     def say(self, *args: Any) -> None:
@@ -344,7 +333,8 @@ class Trainer:
             ds.configure(acc.process_index, acc.num_processes, run.batch_size, self.cfg.data.num_workers)
             self.sampler = None
             return torch.utils.data.DataLoader(ds, batch_size=run.batch_size, num_workers=self.cfg.data.num_workers,
-                                               pin_memory=pin, persistent_workers=False)
+                                               pin_memory=pin, persistent_workers=False,
+                                               worker_init_fn=ignore_stop_signals)
         n = len(ds)
         global_batch = run.batch_size * self.accelerator.num_processes
         if n < global_batch:
@@ -354,25 +344,29 @@ class Trainer:
         return torch.utils.data.DataLoader(
             ds, batch_size=run.batch_size, sampler=self.sampler,
             num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=pin,
-            persistent_workers=False, generator=torch.Generator().manual_seed(0))
+            persistent_workers=False, generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
 
-    def _resume_from(self) -> Path | None:
-        resume = self.cfg.run.resume
-        if resume == "auto":
-            good, bad = scan_checkpoints(self.ckpt_root)
-            for p, why in bad:
-                self.say(f"skipping checkpoint {p}: {why}")
-            if not good:
-                self.say(f"run.resume=auto: no complete checkpoint in {self.ckpt_root}; starting fresh")
-            return good[-1] if good else None
-        if resume:
-            p = Path(resume)
-            if not p.is_dir():
-                raise RunDirError(f"run.resume: checkpoint directory not found: {p}")
-            if why := checkpoint_problem(p):
-                raise RunDirError(f"run.resume: {p} is not a complete checkpoint: {why}")
-            return p
-        return None
+    def _open_run(self) -> RunStart:
+        """The main process locks the folder and decides what this start does (``rundir.open_run``); the others
+        receive the decision (or the error) from it, so every process resumes the same checkpoint or stops."""
+        acc, start, error = self.accelerator, RunStart(), None
+        if acc.is_main_process:
+            try:
+                self.lock = RunLock(self.out_dir)
+                if warning := self.lock.acquire():
+                    self.say(warning)
+                start = open_run(self.out_dir, self.ckpt_root, self.cfg, self.schedule.last_step)
+                for line in start.notes:
+                    self.say(line)
+            except (ValueError, OSError) as exc:  # ConfigError, RunDirError: user errors, reported by every rank
+                error = exc
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            start, error = broadcast_object_list([start, error], from_process=0)
+        if error is not None:
+            raise error
+        return start
 
     def _load_state(self, path: Path) -> None:
         try:
@@ -405,21 +399,17 @@ class Trainer:
         self.recipe.after_prepare(self.ctx)
         for obj in [self.state, *self.recipe.stateful()]:
             self.accelerator.register_for_checkpointing(obj)
-        if self.accelerator.is_main_process:
-            prepare_output_dir(self.out_dir, run.resume, run.overwrite)
-            for line in cleanup_partial(self.ckpt_root):
-                self.say(line)
-        self.accelerator.wait_for_everyone()
-        self.resumed_from = self._resume_from()
+        self.start = self._open_run()
+        if self.start.finished is not None:
+            return
+        self.resumed_from = self.start.resume_from
         if self.resumed_from is not None:
             self._load_state(self.resumed_from)
         if self.accelerator.is_main_process:
-            from fcmae.config import save_config
-
             s = self.schedule
-            save_config(self.cfg, self.out_dir / "config.yaml",
-                        f"used: effective batch {s.effective_batch}, lr {s.base_lr:.6g} (= blr {s.blr:.6g} x "
-                        f"{s.effective_batch} / 256), {s.total_steps} steps")
+            record_segment(self.out_dir, self.cfg, self.resumed_from, self.state.step, self.start.changes,
+                           f"used: effective batch {s.effective_batch}, lr {s.base_lr:.6g} (= blr {s.blr:.6g} x "
+                           f"{s.effective_batch} / 256), {s.total_steps} steps")
         self.logger = MetricsLogger(self.out_dir, self.accelerator.is_main_process)
         self.logger.truncate_after(self.state.step)
         self.ctx.resumed_from = self.resumed_from
@@ -459,8 +449,31 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train as configured; returns the summary (also written to ``<output_dir>/summary.json``)."""
-        self._setup()
+        """Train as configured; returns the summary (also written to ``<output_dir>/summary.json``).
+
+        SIGTERM, SIGINT and SIGUSR1 stop the run at the end of the current optimizer step with a checkpoint and
+        raise ``RunInterrupted`` (``fcmae.train.stopping``); the handlers are in place only while ``fit`` runs. A
+        run that already reached its last step (``run.resume=auto``) returns its summary untouched, with
+        ``already_finished`` set.
+        """
+        self.stop.install()
+        shield_workers(True)
+        try:
+            self._setup()
+            if self.start.finished is not None:
+                return self._already_finished()
+            return self._train()
+        except RunInterrupted as exc:
+            if exc.aborted:  # a second signal: name the checkpoint the next start will resume from
+                exc.checkpoint, exc.step = find_latest_checkpoint(self.ckpt_root), self.state.step
+            raise
+        finally:
+            shield_workers(False)
+            self.stop.restore()
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> dict[str, Any]:
         self._describe()
         s = self.schedule
         self.recipe.train_mode(self.model)
@@ -470,9 +483,12 @@ class Trainer:
         self.last_saved = self.state.step if self.resumed_from is not None else -1
         self.progress = Progress(self.cfg.run.progress and self.accelerator.is_main_process, self.state.step,
                                  s.last_step)
+        self.save_due = False  # a step checkpoint deferred to the end of its epoch (see _micro_step)
         try:
-            while self.state.step < s.last_step:
+            while self.state.step < s.last_step and not self._stop_now():
                 self._epoch()
+            if self.state.step < s.last_step:
+                self._stop_here()
             if self.last_saved != self.state.step:
                 self.save()
             self._flush()
@@ -482,6 +498,37 @@ class Trainer:
         finally:
             self.progress.close()
         return self._finish()
+
+    def _stop_now(self) -> bool:
+        """Whether a stop signal ends the run at this step boundary.
+
+        One process: as soon as its handler saw one (a Python flag: no device read). Several: only once they agreed
+        on it, which they do in ``_flush``, the host read every process makes at the same steps anyway (log steps,
+        saves, epoch ends): no extra sync per step, at the price of a stop up to ``run.log_every`` steps late.
+        A scheduler usually signals every process; one that was not signalled stops with the others."""
+        if self.accelerator.num_processes == 1:
+            return self.stop.signum is not None
+        return self.stop_signum > 0
+
+    def _stop_here(self) -> None:
+        """Save the step reached (the normal checkpoint path), log it and raise ``RunInterrupted``."""
+        st = self.state
+        signum = self.stop.signum or self.stop_signum
+        if st.step > 0 and self.last_saved != st.step:
+            self.save()
+        self._flush()
+        ckpt = find_latest_checkpoint(self.ckpt_root) if st.step > 0 else None
+        stop_s = time.monotonic() - self.stop.time if self.stop.time else None
+        self.record({"step": st.step, "signal": signal_name(signum), "checkpoint": str(ckpt), "stop_s": stop_s},
+                    "interrupted")
+        self._write_summary("interrupted", signal=signal_name(signum))
+        raise RunInterrupted(signum, ckpt, st.step)
+
+    def _already_finished(self) -> dict[str, Any]:
+        summary = {**self.start.finished, "already_finished": True}
+        self.say(f"run.output_dir {self.out_dir} holds a finished run ({summary.get('steps')} steps, "
+                 f"{self.out_dir / 'summary.json'}): nothing to do")
+        return summary
 
     def _epoch(self) -> None:
         from accelerate.utils import send_to_device
@@ -500,7 +547,7 @@ class Trainer:
         for batch in loader:
             if st.batch_in_epoch >= batches_per_epoch:
                 break  # leftover micro-batches that cannot fill an optimizer step
-            if self._micro_step(batch) and st.step >= s.last_step:
+            if self._micro_step(batch) and (st.step >= s.last_step or self._stop_now()):
                 break
         if st.batch_in_epoch >= batches_per_epoch:
             st.epoch += 1
@@ -510,7 +557,8 @@ class Trainer:
                      f"elapsed {_hms(self.elapsed())}, eta {_hms(self.progress.eta(st.step))}")
             self.recipe.on_epoch_end(self.ctx, epoch)
             self.recipe.train_mode(self.model)
-            if st.epoch % run.save_every_epochs == 0 and self.last_saved != st.step:
+            due, self.save_due = st.epoch % run.save_every_epochs == 0 or self.save_due, False
+            if due and self.last_saved != st.step:
                 self.save()
 
     def _micro_step(self, batch: Sample) -> bool:
@@ -535,7 +583,12 @@ class Trainer:
         if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
             self._log_step(lr)
         if self.cfg.run.save_every_steps and st.step % self.cfg.run.save_every_steps == 0:
-            self.save()
+            # a step that ends its epoch is saved after the epoch-end work (evaluation, the epoch counter): a
+            # checkpoint from before it would make a resumed run evaluate and log that epoch a second time
+            if st.batch_in_epoch >= self.schedule.steps_per_epoch * self.cfg.run.accum_iter:
+                self.save_due = True
+            else:
+                self.save()
         for hook in self.hooks:
             hook(self.ctx)
         return True
@@ -549,8 +602,12 @@ class Trainer:
         p, acc = self.pending, self.accelerator
         if p.count == 0:
             return {"loss": self.last_loss, "grad_norm": None}
-        packed = torch.stack([p.loss_sum, p.last_loss, p.bad_step.float(), p.skipped.float()]).reshape(1, 4)
+        # the stop flag rides on this read (every process has it): the processes agree on a stop here, at the
+        # same step, without a host sync of their own (see _stop_now)
+        stop = torch.tensor(float(self.stop.signum or 0), device=acc.device)
+        packed = torch.stack([p.loss_sum, p.last_loss, p.bad_step.float(), p.skipped.float(), stop]).reshape(1, 5)
         rows = acc.gather(packed).tolist()
+        self.stop_signum = self.stop_signum or int(max(r[4] for r in rows))
         grad_norm = float(p.grad_norm) if p.grad_norm is not None else None
         self.pending = _Pending(acc.device)
         bad = [int(r[2]) for r in rows if r[2] >= 0]
@@ -607,7 +664,7 @@ class Trainer:
             "checkpoint": str(ckpt) if ckpt is not None else None, "metrics": str(self.logger.path),
             "summary": str(self.out_dir / "summary.json"), "config": to_dict(self.cfg),
         })
-        self.summary = strict_json(self.summary)
+        self.summary = strict_json_value(self.summary)
         self.record({"summary": self.summary}, "summary")
         self.logger.close()
         if self.accelerator.is_main_process:

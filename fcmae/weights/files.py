@@ -22,6 +22,7 @@ import contextlib
 import errno
 import io
 import json
+import math
 import os
 import pickletools
 import re
@@ -30,6 +31,7 @@ import struct
 import tempfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -439,9 +441,36 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def strict_json_value(obj: Any) -> Any:
+    """``obj`` with every NaN/inf float replaced by ``None`` (mappings, lists and tuples walked), so that it can be
+    written as strict JSON: Python's ``json`` writes ``NaN``/``Infinity`` otherwise, which other JSON readers
+    (``jq``, JavaScript, Go) refuse."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: strict_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json_value(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text of ``obj``: non-finite floats become ``null``, unknown objects their ``str``."""
+    return json.dumps(strict_json_value(obj), indent=indent, default=str, allow_nan=False)
+
+
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """``obj`` as indented JSON to ``path`` atomically."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+    """``obj`` as indented strict JSON (``strict_json``: NaN/inf as ``null``) to ``path`` atomically."""
+    return write_text_atomic(path, strict_json(obj, indent=2) + "\n")
+
+
+def file_crc32(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """CRC-32 of a file's content as 8 hex digits, read in 1 MiB chunks (constant memory for any file size)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
 
 
 def save_state_dict(
