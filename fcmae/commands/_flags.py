@@ -9,7 +9,7 @@ the shared flags as shorthands for config keys (``--batch-size 16`` = ``run.batc
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -154,3 +154,27 @@ def load_command_config(cls: type[T], args: argparse.Namespace, flags: Mapping[s
         examples = " or ".join(f"`fcmae {args.command} {e}`" for e in args._examples)
         raise ConfigError(f"no config given: name one, e.g. {examples}")
     return load_config(cls, config, overrides)
+
+
+def run_training_command(cls: type[T], args: argparse.Namespace, flags: Sequence[str], train: str,
+                         report: Callable[[dict[str, Any]], None]) -> int:
+    """What ``fcmae pretrain`` and ``fcmae finetune`` do: load and check the config (``--print-config`` prints it and
+    stops), tune malloc, run ``train`` (``"module:function"``, imported only now: torch comes last) and ``report``
+    the summary on the main process (a finished run already said so in one line)."""
+    import importlib
+
+    from fcmae.commands._common import is_main_process, print_run_tail, tune_malloc
+    from fcmae.config import config_yaml
+
+    cfg = load_command_config(cls, args, flags)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    tune_malloc(args)
+    module, name = train.split(":")
+    s = getattr(importlib.import_module(module), name)(cfg)
+    if not is_main_process() or s.get("already_finished"):
+        return 0
+    report(s)
+    print_run_tail(s)
+    return 0

@@ -24,29 +24,19 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def _finetune(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import tune_malloc
-    from fcmae.commands._flags import load_command_config
-    from fcmae.config import FinetuneConfig, config_yaml
-
-    cfg = load_command_config(FinetuneConfig, args, FLAGS)
-    if args.print_config:
-        print(config_yaml(cfg), end="")
-        return 0
-    tune_malloc(args)
-    from fcmae.commands._common import is_main_process, print_run_tail
-    from fcmae.train.finetuning import run_finetuning
-
-    s = run_finetuning(cfg)
-    if not is_main_process() or s.get("already_finished"):  # a finished run: the trainer said so in one line
-        return 0
+def _report(s: dict) -> None:
     ema = f"; EMA: top-1 {_pct(s['ema_top1'])} top-5 {_pct(s['ema_top5'])}" if s.get("ema_top1") is not None else ""
     print(f"model: top-1 {_pct(s['val_top1'])} top-5 {_pct(s['val_top5'])}{ema}")
     print(f"best top-1 {s['best_top1']:.2f} top-5 {s['best_top5']:.2f} ({s['best_source']} weights, "
           f"epoch {s['best_epoch']}): {s['best']}")
     print(f"last weights: {s['last']}")
-    print_run_tail(s)
-    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from fcmae.commands._flags import run_training_command
+    from fcmae.config import FinetuneConfig
+
+    return run_training_command(FinetuneConfig, args, FLAGS, "fcmae.train.finetuning:run_finetuning", _report)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,27 +19,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, "pretrain", EXAMPLES, FLAGS, "model, data, optim, run, monitor")
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    from fcmae.commands._common import tune_malloc
-    from fcmae.commands._flags import load_command_config
-    from fcmae.config import PretrainConfig, config_yaml
-
-    cfg = load_command_config(PretrainConfig, args, FLAGS)
-    if args.print_config:
-        print(config_yaml(cfg), end="")
-        return 0
-    tune_malloc(args)
-    from fcmae.commands._common import is_main_process, print_run_tail
-    from fcmae.train.pretraining import run_pretraining
-
-    s = run_pretraining(cfg)
-    if not is_main_process() or s.get("already_finished"):  # a finished run: the trainer said so in one line
-        return 0
+def _report(s: dict) -> None:
     if s.get("figure"):
         print(f"reconstruction figure: {s['figure']}")
     print(f"encoder weights: {s.get('encoder')}")
-    print_run_tail(s)
-    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from fcmae.commands._flags import run_training_command
+    from fcmae.config import PretrainConfig
+
+    return run_training_command(PretrainConfig, args, FLAGS, "fcmae.train.pretraining:run_pretraining", _report)
 
 
 def run(args: argparse.Namespace) -> int:
