@@ -11,8 +11,8 @@ every path in the same process, interleaved over several rounds (best round repo
   uint8, crop then resize on uint8, per-sample NumPy generator, uint8 out (normalised on the device);
 - ``finetune``: the fine-tuning training set (timm RandAugment + random erasing) as ``build_finetune_data`` builds it;
 - ``pil_decode``: PIL decode alone (the reference the new path is held against);
-- ``gpu_decode_cpu_form``: ``decode_jpeg_batch`` (the ``data.decode=gpu`` path) run with ``device="cpu"``, then the
-  same crop/resize on the decoded tensors.
+- ``gpu_decode_cpu_form``: the ``data.decode=gpu`` path (bytes and crop parameters in the worker, then the batched
+  decode and the crops of ``DeviceDecoder``) with the device = this CPU.
 
     python benchmarks/input_pipeline.py [--images 300] [--rounds 3] [--json out.json]
 """
@@ -35,10 +35,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fcmae.data import ImageFiles, SeededSamples, build_finetune_transform, build_pretrain_transform  # noqa: E402
-from fcmae.data.decode import decode_jpeg_batch, read_image_u8  # noqa: E402
+from fcmae.data.decode import DeviceDecoder, collate_samples, read_image_u8, read_jpeg_or_image  # noqa: E402
 from fcmae.data.images import load_image  # noqa: E402
-from fcmae.data.sampling import sample_seed  # noqa: E402
-from fcmae.models.masking import random_masking  # noqa: E402
+from fcmae.data.transforms import DeferredCropU8  # noqa: E402
 from fcmae.models.registry import mean_std  # noqa: E402
 
 SIZES = ((500, 375), (400, 500))  # ImageNet's typical landscape and portrait shapes
@@ -104,14 +103,13 @@ def build_paths(paths: list[Path], size: int) -> dict:
     after = SeededSamples(ImageFiles(paths, build_pretrain_transform(size), 3, reader=read_image_u8), seed=0,
                           labelled=False, mask_grid=grid, seed_globals=False)
     finetune = SeededSamples(ImageFiles(paths, build_finetune_transform(size, 3), 3), seed=0, labelled=False)
-    crop = build_pretrain_transform(size)
-    datas = [p.read_bytes() for p in paths]
+    gpu = SeededSamples(ImageFiles(paths, DeferredCropU8(size), 3, reader=read_jpeg_or_image), seed=0,
+                        labelled=False, mask_grid=grid, seed_globals=False)
+    decoder = DeviceDecoder(size, 3)
 
-    def gpu_form() -> None:
-        for i in range(0, len(datas), 32):
-            for j, x in enumerate(decode_jpeg_batch(datas[i:i + 32], 3, "cpu")):
-                random_masking(1, grid, 0.6, generator=torch.Generator().manual_seed(sample_seed(0, 0, i + j)))
-                crop(x)
+    def gpu_form() -> None:  # data.decode=gpu with the device = this CPU: worker part + device part
+        for i in range(0, len(gpu), 32):
+            decoder(collate_samples([gpu[j] for j in range(i, min(i + 32, len(gpu)))]).image, "cpu")
 
     def each(ds):
         return lambda: [ds[i] for i in range(len(ds))]

@@ -165,6 +165,9 @@ class PretrainDataConfig(DataConfig):
     # fashion_mnist: IDX files in `path` (default /usr/share/datasets/fashion-mnist); webdataset: tar shards in
     # `path` (a folder, a brace pattern or a pipe:/URL spec; see fcmae shard)
     source: str = "imagenet"
+    # cpu: workers decode and crop (default); gpu: workers read JPEG bytes and draw the crop, the training device
+    # decodes (nvJPEG on CUDA, in one batched call) and crops (folder/imagenet sources; other files on the CPU)
+    decode: Literal["cpu", "gpu"] = "cpu"
 
 
 @dataclass
@@ -233,6 +236,8 @@ class PretrainConfig:
         _check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth, "must be >= 0")
         _check(m.decoder_embed_dim >= 1, "model.decoder_embed_dim", m.decoder_embed_dim, "must be >= 1")
         _check_mask(m.mask_ratio, d.input_size)
+        _check(d.decode == "cpu" or d.source in ("folder", "imagenet"), "data.decode", d.decode,
+               "gpu decoding reads image files: use it with data.source=folder or imagenet")
         _check(m.use_grn or m.backend == "torch", "model.use_grn", m.use_grn,
                "must be true with model.backend=minkowski (that backend has no GRN-free blocks)")
         _check(d.source in ("demo", "fashion_mnist") or d.path != "", "data.path", d.path,

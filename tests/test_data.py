@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -413,3 +414,71 @@ def test_file_list_is_written_once_and_read_instead_of_scanning(tmp_path: Path, 
     listing.write_text("# comment\n\n")
     with pytest.raises(DataError, match="lists no files"):
         scan_or_read_file_list(image_folder, str(listing))
+
+
+def _jpeg_folder(root: Path, n: int = 8) -> Path:
+    """JPEGs (one EXIF-rotated, one CMYK, one gray) and a PNG."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 80, 3), dtype=np.uint8))
+        if i == 1:
+            exif = Image.Exif()
+            exif[0x0112] = 6  # rotated 90 degrees: decoders must return (80, 56)
+            img.save(root / f"{i}.jpg", exif=exif.tobytes(), quality=90)
+        elif i == 2:
+            img.convert("CMYK").save(root / f"{i}.jpg", quality=90)
+        elif i == 3:
+            img.convert("L").save(root / f"{i}.jpg", quality=90)
+        elif i == 4:
+            img.save(root / f"{i}.png")
+        else:
+            img.save(root / f"{i}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_gpu_decode_path_on_cpu_equals_the_cpu_path(tmp_path: Path, in_chans: int) -> None:
+    """data.decode=gpu (bytes + crop parameters in the worker, batched decode + crop on the device), run with the
+    device = CPU: the same images and masks as the CPU path, sample for sample."""
+    from torch.utils.data import DataLoader
+
+    from fcmae.config import PretrainDataConfig
+    from fcmae.data import build_pretrain_train_set
+    from fcmae.data.decode import DeviceDecoder, JpegBatch, collate_samples
+
+    folder = _jpeg_folder(tmp_path / "imgs")
+    sets = {d: build_pretrain_train_set(PretrainDataConfig(source="folder", path=str(folder), input_size=32, decode=d),
+                                        in_chans, 5, (1, 1), 0.0) for d in ("cpu", "gpu")}
+    decoder = DeviceDecoder(32, in_chans)
+    for epoch in (0, 1):
+        batches = {}
+        for d, ds in sets.items():
+            ds.use_epoch(epoch)
+            batches[d] = list(DataLoader(ds, batch_size=4, num_workers=0, collate_fn=collate_samples))
+        for cpu, gpu in zip(batches["cpu"], batches["gpu"]):
+            assert isinstance(gpu.image, JpegBatch) and cpu.image.dtype == torch.uint8
+            assert torch.equal(decoder(gpu.image, "cpu"), cpu.image) and torch.equal(gpu.target, cpu.target)
+    assert decoder(batches["cpu"][0].image, "cpu") is batches["cpu"][0].image  # tensors pass through
+
+
+def test_pretraining_with_gpu_decode_on_cpu_trains_on_the_same_batches(tmp_path: Path) -> None:
+    """The whole trainer with data.decode=gpu on a CPU-only machine (the device decoder runs on the CPU): the
+    same losses as data.decode=cpu, step for step."""
+    from fcmae.config import PretrainConfig, load_config
+    from fcmae.train.pretraining import run_pretraining
+
+    folder = _jpeg_folder(tmp_path / "imgs")
+    losses = {}
+    for d in ("cpu", "gpu"):
+        out = tmp_path / d
+        cfg = load_config(PretrainConfig, None, [
+            "model.name=convnextv2_test", "model.decoder_embed_dim=16", "data.source=folder", f"data.path={folder}",
+            "data.input_size=64", f"data.decode={d}", "data.num_workers=0", "optim.lr=1e-3", "optim.steps=3",
+            "optim.warmup_steps=1", "run.batch_size=4", "run.log_every=1", "run.export_every_epochs=0",
+            "run.num_vis_images=2", "run.progress=false", "run.threads=1", "run.mixed_precision=no",
+            f"run.output_dir={out}"])
+        run_pretraining(cfg)
+        losses[d] = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                     if r.get("type") == "train"]
+    assert len(losses["cpu"]) == 3 and losses["cpu"] == losses["gpu"]

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from fcmae.data.decode import read_image_u8
+from fcmae.data.decode import read_image_u8, read_jpeg_or_image
 from fcmae.data.fashion_mnist import DATASET_DEFAULT_FASHION_MNIST, DemoImages, DropLabels, FashionMNIST
 from fcmae.data.images import DataError, ImageFiles, LabeledImageFolder, scan_or_read_file_list
 from fcmae.data.sampling import SeededSamples
 from fcmae.data.transforms import (
+    DeferredCropU8,
     ResizeCenterCropU8,
     build_eval_transform,
     build_finetune_transform,
@@ -46,7 +47,7 @@ def build_pretrain_dataset(cfg: Any, in_chans: int) -> Dataset:
             root = root / "train"
         paths = scan_or_read_file_list(root, cfg.file_list)
         # limit the paths (not a Subset) so replacements for bad files come from inside the limit too
-        return ImageFiles(paths[:limit] if limit else paths, tf, in_chans, cfg.on_bad_image, reader=read_image_u8)
+        return _pretrain_files(cfg, in_chans, paths[:limit] if limit else paths)
     if cfg.source == "fashion_mnist":
         ds: Dataset = DropLabels(FashionMNIST(cfg.path or DATASET_DEFAULT_FASHION_MNIST, "train", tf, in_chans))
     elif cfg.source == "demo":
@@ -72,6 +73,15 @@ def build_pretrain_train_set(cfg: Any, in_chans: int, seed: int, mask_grid: tupl
     # our uint8 transforms draw from the per-sample generator: no global seeding needed
     return SeededSamples(build_pretrain_dataset(cfg, in_chans), seed=seed, labelled=False, mask_grid=mask_grid,
                          mask_ratio=mask_ratio, seed_globals=False)
+
+
+def _pretrain_files(cfg: Any, in_chans: int, paths: list[Path]) -> ImageFiles:
+    """Folder images for pretraining; ``data.decode=gpu``: JPEG bytes + crop parameters, decoded on the device."""
+    if getattr(cfg, "decode", "cpu") == "gpu":
+        tf = DeferredCropU8(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip)
+        return ImageFiles(paths, tf, in_chans, cfg.on_bad_image, reader=read_jpeg_or_image)
+    tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
+    return ImageFiles(paths, tf, in_chans, cfg.on_bad_image, reader=read_image_u8)
 
 
 # --------------------------------------------------------------------------------------------- label budget

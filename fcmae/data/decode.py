@@ -106,3 +106,95 @@ def _decode_one(data: bytes, in_chans: int) -> Tensor:
             return pil_to_u8(to_model_mode(img, in_chans))
     except Exception as exc:
         raise BadImageError(f"cannot decode image bytes: {type(exc).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------- data.decode=gpu
+class JpegItem:
+    """One image for device decoding: the file's JPEG bytes and its crop ``(top, left, h, w, flip)`` in the
+    decoded (EXIF-upright) image; or, for a file the device decoder cannot take, the finished ``ready`` crop."""
+
+    __slots__ = ("data", "box", "ready")
+
+    def __init__(self, data: Tensor | None, box: tuple[int, int, int, int, int], ready: Tensor | None = None) -> None:
+        self.data, self.box, self.ready = data, box, ready
+
+
+class JpegBatch:
+    """A batch of ``JpegItem``: what the DataLoader hands over with ``data.decode=gpu``. ``to(device)`` keeps the
+    bytes on the host (the decoder reads them from there); ``DeviceDecoder`` turns it into ``(N, C, S, S)`` uint8."""
+
+    def __init__(self, items: list[JpegItem]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> JpegBatch:  # noqa: ARG002
+        return self
+
+    def pin_memory(self) -> JpegBatch:
+        return self
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` of a complete JPEG as ``decode_jpeg(apply_exif_orientation=True)`` returns it (EXIF
+    rotations by 90 degrees swap the sides), read from the header only; None when it is not one."""
+    import io
+
+    if not is_complete_jpeg(data):
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG":
+                return None
+            w, h = img.size
+            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:
+        return None
+    return (w, h) if turned else (h, w)
+
+
+class DeviceDecoder:
+    """``JpegBatch`` -> ``(N, in_chans, S, S)`` uint8 on ``device``: one batched ``decode_jpeg`` (nvJPEG on CUDA),
+    then each image's crop resized there (bicubic, antialiased) and flipped; ready items are moved as they are.
+    A uint8 or float tensor batch passes through unchanged (the CPU path)."""
+
+    def __init__(self, size: int, in_chans: int) -> None:
+        self.size, self.in_chans = size, in_chans
+
+    def __call__(self, batch: Tensor | JpegBatch, device: torch.device | str) -> Tensor:
+        if not isinstance(batch, JpegBatch):
+            return batch
+        from torchvision.transforms.v2 import functional as TF
+
+        todo = [i for i, it in enumerate(batch.items) if it.ready is None]
+        decoded = decode_jpeg_batch([bytes(batch.items[i].data.numpy()) for i in todo], self.in_chans, device)
+        out: list[Tensor] = [it.ready.to(device) if it.ready is not None else None for it in batch.items]
+        for i, x in zip(todo, decoded):
+            top, left, h, w, flip = batch.items[i].box
+            y = TF.resized_crop(x, top, left, h, w, [self.size, self.size],
+                                interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            out[i] = y.flip(-1) if flip else y
+        return torch.stack(out)
+
+
+def read_jpeg_or_image(path: str | Path, in_chans: int = 3) -> bytes | Tensor:
+    """``data.decode=gpu`` reader: a complete JPEG's bytes (decoded later, on the device), else the decoded
+    ``(in_chans, H, W)`` uint8 image (PIL); :class:`BadImageError` naming the file if unreadable."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise BadImageError(f"cannot read image {p}: {type(exc).__name__}: {exc}") from exc
+    return data if jpeg_size(data) is not None else pil_to_u8(load_image(p, in_chans))
+
+
+def collate_samples(batch: list) -> object:
+    """The DataLoader's collate: ``default_collate``, except that ``JpegItem`` images become one ``JpegBatch``."""
+    from torch.utils.data import default_collate
+
+    first = batch[0]
+    if not isinstance(first[0], JpegItem):
+        return default_collate(batch)
+    rest = default_collate([tuple(item[1:]) for item in batch])
+    return type(first)(JpegBatch([item[0] for item in batch]), *rest)

@@ -20,7 +20,7 @@ from fcmae.models.registry import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_S
 from fcmae.models.registry import mean_std as default_mean_std
 
 __all__ = ["GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DeviceNormalize", "DeviceRandomErasing",
-           "RandomResizedCropU8", "ResizeCenterCropU8",
+           "DeferredCropU8", "RandomResizedCropU8", "ResizeCenterCropU8",
            "build_eval_transform", "build_finetune_transform", "build_pretrain_transform", "crop_params", "mean_std"]
 
 
@@ -112,6 +112,22 @@ class DeviceNormalize:
                                      torch.tensor(self.std, device=x.device).view(-1, 1, 1))
         mean, std = self._cache[x.device]
         return x.float().div_(255).sub_(mean).div_(std)
+
+
+class DeferredCropU8(RandomResizedCropU8):
+    """``data.decode=gpu``: the same random crop and flip as ``RandomResizedCropU8``, drawn in the worker from the
+    file's header, applied on the device after decoding (``fcmae.data.decode.DeviceDecoder``). Input: the file's
+    bytes (``read_jpeg_or_image``); a file that is not a complete JPEG is decoded and cropped here instead."""
+
+    def __call__(self, img: Any) -> Any:  # bytes -> JpegItem; a decoded image -> its finished crop as a JpegItem
+        from fcmae.data.decode import JpegItem, jpeg_size
+
+        if isinstance(img, (bytes, bytearray)) and (hw := jpeg_size(img)) is not None:
+            rng = sample_generator()
+            top, left, h, w = crop_params(hw[0], hw[1], self.scale, self.ratio, rng)
+            flip = int(self.hflip > 0 and rng.random() < self.hflip)
+            return JpegItem(torch.frombuffer(bytearray(img), dtype=torch.uint8), (top, left, h, w, flip))
+        return JpegItem(None, (0, 0, 0, 0, 0), super().__call__(img))
 
 
 def build_pretrain_transform(input_size: int = 224, crop_scale: tuple[float, float] = (0.2, 1.0),

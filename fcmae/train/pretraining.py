@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 
 from fcmae.config import PretrainConfig, to_dict
+from fcmae.data.decode import DeviceDecoder, collate_samples
 from fcmae.data.sampling import Sample
 from fcmae.data.transforms import DeviceNormalize
 from fcmae.models.masking import num_kept
@@ -109,6 +109,7 @@ class PretrainRecipe(RecipeBase):
         self.monitor: Any = None
         self.knn: dict[str, Any] = {}  # the last k-NN measurement
         self.normalize = DeviceNormalize(*mean_std(cfg.model.in_chans))
+        self.decoder = DeviceDecoder(cfg.data.input_size, cfg.model.in_chans)
 
     def setup(self) -> RecipeParts:
         from fcmae.data import build_pretrain_train_set
@@ -127,8 +128,8 @@ class PretrainRecipe(RecipeBase):
             # a shard stream is not indexable: its first items (this process's first reader stream) instead
             items = (list(itertools.islice(iter(self.train_set), n)) if isinstance(self.train_set, IterableDataset)
                      else [self.train_set[i] for i in range(n)])
-            imgs, masks = torch.stack([it.image for it in items]), torch.stack([it.target for it in items])
-            self.vis = (self.normalize(imgs), masks)
+            batch = collate_samples(items)
+            self.vis = (self.normalize(self.decoder(batch.image, "cpu")), batch.target)
             if self.cfg.monitor.train:
                 from fcmae.train.monitor import KnnMonitor
 
@@ -162,7 +163,8 @@ class PretrainRecipe(RecipeBase):
         ``model.mask_ratio``, keeping ``num_kept(L, mask_ratio)`` cells each (so the model need not read the count
         back from the device)."""
         mask = batch.target
-        images = self.normalize(batch.image)  # uint8 from the workers, normalised on the device
+        # uint8 from the workers (or JPEG bytes with data.decode=gpu, decoded here), normalised on the device
+        images = self.normalize(self.decoder(batch.image, mask.device))
         return model(images, mask, num_keep=num_kept(mask.shape[1], self.cfg.model.mask_ratio))["loss"]
 
     def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:

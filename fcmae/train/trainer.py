@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fcmae.data.decode import collate_samples
 from fcmae.data.sampling import EpochSampler, Sample, ignore_stop_signals, shield_workers
 from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
 from fcmae.train.rundir import RunDirError, RunLock, RunStart, open_run, record_segment
@@ -343,7 +344,7 @@ class Trainer:
         self.sampler = EpochSampler(n, run.seed)
         return torch.utils.data.DataLoader(
             ds, batch_size=run.batch_size, sampler=self.sampler,
-            num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=pin,
+            num_workers=self.cfg.data.num_workers, drop_last=True, pin_memory=pin, collate_fn=collate_samples,
             persistent_workers=False, generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
 
     def _open_run(self) -> RunStart:
@@ -569,7 +570,7 @@ class Trainer:
         with acc.accumulate(self.model):
             out = backward_and_step(self.recipe.loss(self.model, batch), self.optimizer, acc, lr,
                                     self.cfg.optim.clip_grad)
-        n_imgs = batch.image.shape[0] * acc.num_processes
+        n_imgs = len(batch.skipped) * acc.num_processes
         self.pending.add(out, st.step, batch.skipped)
         st.batch_in_epoch += 1
         st.images_seen += n_imgs
