@@ -24,6 +24,7 @@ from fcmae.models.registry import MASK_RATIO
 T = TypeVar("T")
 
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,10 @@ class RunConfig:
     log_every: int = 10
     threads: int = 0  # torch intra-op threads (0 = the library default: torch picks, usually one per core)
     progress: bool = True
+    # torch.compile of the model (in place, before accelerate wraps it): no | default | reduce-overhead |
+    # max-autotune (torch.compile modes; inductor only), with compile_backend (inductor; aot_eager compiles fast)
+    compile: str = "no"
+    compile_backend: str = "inductor"
 
 
 def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
@@ -137,6 +142,12 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
         _check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), "must be >= 1")
     for key in ("max_steps", "save_every_steps"):
         _check(getattr(r, key) >= 0, f"run.{key}", getattr(r, key), "must be >= 0 (0 = off)")
+    if r.compile == "False":  # YAML 1.1 reads a bare `no` as false
+        r.compile = "no"
+    _check(r.compile in COMPILE_MODES, "run.compile", r.compile, f"is not one of {list(COMPILE_MODES)}")
+    _check(r.compile_backend.strip() != "", "run.compile_backend", r.compile_backend, "must not be empty")
+    _check(r.compile in ("no", "default") or r.compile_backend == "inductor", "run.compile", r.compile,
+           "is an inductor mode: it needs run.compile_backend=inductor (other backends take run.compile=default)")
     _check(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0 = the library default)")
     _check(r.output_dir.strip() != "", "run.output_dir", r.output_dir, "must not be empty")
     _check(r.resume in ("", "auto") or not r.overwrite, "run.overwrite", r.overwrite,

@@ -87,6 +87,8 @@ def build_ema(model: nn.Module, cfg: EmaConfig) -> nn.Module | None:
 
     ema = ModelEmaV3(model, decay=cfg.decay, use_warmup=cfg.warmup)
     ema.requires_grad_(False)
+    for m in ema.modules():  # a deep copy of a compiled module (run.compile) would call the original's forward
+        m._compiled_call_impl = None
     return ema
 
 
