@@ -24,6 +24,7 @@ from fcmae.models.registry import MASK_RATIO
 T = TypeVar("T")
 
 MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
+COMPILE_MODES = ("no", "default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,10 @@ class RunConfig:
     # resume=auto refuses a config that changes what is trained (see TRAINING_KEYS_FREE); true resumes anyway and
     # records both configs in config_history.jsonl
     allow_config_change: bool = False
+    # torch.compile of the model (in place, before accelerate wraps it): no | default | reduce-overhead |
+    # max-autotune (torch.compile modes; inductor only), with compile_backend (inductor; aot_eager compiles fast)
+    compile: str = "no"
+    compile_backend: str = "inductor"
 
 
 def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
@@ -143,6 +148,12 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
         _check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), "must be >= 1")
     for key in ("max_steps", "save_every_steps"):
         _check(getattr(r, key) >= 0, f"run.{key}", getattr(r, key), "must be >= 0 (0 = off)")
+    if r.compile == "False":  # YAML 1.1 reads a bare `no` as false
+        r.compile = "no"
+    _check(r.compile in COMPILE_MODES, "run.compile", r.compile, f"is not one of {list(COMPILE_MODES)}")
+    _check(r.compile_backend.strip() != "", "run.compile_backend", r.compile_backend, "must not be empty")
+    _check(r.compile in ("no", "default") or r.compile_backend == "inductor", "run.compile", r.compile,
+           "is an inductor mode: it needs run.compile_backend=inductor (other backends take run.compile=default)")
     _check(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0 = the library default)")
     _check(r.output_dir.strip() != "", "run.output_dir", r.output_dir, "must not be empty")
     _check(r.resume in ("", "auto") or not r.overwrite, "run.overwrite", r.overwrite,
@@ -377,6 +388,7 @@ TRAINING_KEYS_FREE = frozenset({
     "data.num_workers", "run.output_dir", "run.resume", "run.overwrite", "run.allow_config_change", "run.max_steps",
     "run.save_every_steps", "run.save_every_epochs", "run.keep_last", "run.log_every", "run.threads",
     "run.progress", "run.export_every_epochs", "run.num_vis_images", "run.eval_batch_size", "run.eval_every_epochs",
+    "run.compile", "run.compile_backend", "data.file_list", "data.shard_index",
 })
 TRAINING_PREFIXES_FREE = ("monitor.",)
 
@@ -397,8 +409,10 @@ def training_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str
     and differ between two configs (nested dicts, e.g. ``to_dict(cfg)`` and a saved ``config.yaml``). A key only
     one of them has (a config written by another version) is not a change."""
     a, b = flatten(old), flatten(new)
-    return [(k, a[k], b[k]) for k in a if k in b and a[k] != b[k] and k not in TRAINING_KEYS_FREE
-            and not k.startswith(TRAINING_PREFIXES_FREE)]
+    # streamed shards are dealt to processes x workers: there the worker count shapes the order of the samples
+    shards = b.get("data.source") == "webdataset"
+    return [(k, a[k], b[k]) for k in a if k in b and a[k] != b[k] and not k.startswith(TRAINING_PREFIXES_FREE)
+            and (k not in TRAINING_KEYS_FREE or (shards and k == "data.num_workers"))]
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -223,13 +223,17 @@ class Block(nn.Module):
         y = depthwise_conv(x, dw.weight).permute(0, 2, 3, 1)
         return y + dw.bias.to(y.dtype)
 
-    def forward(self, x: Tensor, sparse_dwconv: Callable[[Tensor, nn.Conv2d], Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, sparse_dwconv: Callable[[Tensor, nn.Conv2d], Tensor] | None = None,
+                rows: Tensor | None = None) -> Tensor:
         """Dense: x ``(N, C, H, W)``, preferably channels_last -> same shape.
 
         Sparse: x tokens ``(N, T, C)`` and ``sparse_dwconv(tokens, self.dwconv) -> (N, T, C)`` the submanifold
-        depthwise conv (``fcmae.models.sparse``); everything after it runs on the tokens. Both paths go through
-        this ``forward``, so module hooks (FSDP's per-block wrapping among them) see every block call.
+        depthwise conv (``fcmae.models.sparse``); everything after it runs on the tokens. ``rows``: the dense
+        block's output at those positions only (``forward_rows``). Every path goes through this ``forward``, so
+        module hooks (FSDP's per-block wrapping among them: it gathers the block's parameters) see every call.
         """
+        if rows is not None:
+            return self.forward_rows(x, rows)
         if sparse_dwconv is not None:
             return x + self.drop_path(self.mlp(sparse_dwconv(x, self.dwconv)))
         y = self.mlp(self._dwconv(x))  # (N, H, W, C)
@@ -237,8 +241,9 @@ class Block(nn.Module):
 
     def forward_rows(self, x: Tensor, rows: Tensor) -> Tensor:
         """The block's output at chosen positions only: x ``(N, C, H, W)``, rows ``(N, R)`` flat ``y * W + x``
-        indices -> ``(N, R, C)``. Everything up to GRN runs on the whole map (the depthwise conv needs the
-        neighbours, GRN's statistics all positions); the last Linear and the residual only at ``rows``."""
+        indices -> ``(N, R, C)`` (call it as ``block(x, rows=rows)``, so that module hooks run). Everything up to
+        GRN runs on the whole map (the depthwise conv needs the neighbours, GRN's statistics all positions); the last
+        Linear and the residual only at ``rows``."""
         n, c = x.shape[:2]
         h = self._expand(self._dwconv(x))  # (N, H, W, 4C)
         if self.grn is not None:

@@ -169,7 +169,7 @@ class FCMAE(nn.Module):
         if rows is not None and blocks:
             for blk in blocks[:-1]:
                 x = blk(x)
-            return blocks[-1].forward_rows(x, rows)
+            return blocks[-1](x, rows=rows)  # through __call__: module hooks (FSDP) run
         x = self.decoder(x).permute(0, 2, 3, 1).reshape(n, h * w, d)
         return x if rows is None else gather_rows(x, rows)
 

@@ -50,11 +50,13 @@ def random_masking(
 def check_on_device(cond: Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` unless the bool scalar ``cond`` holds, without stalling an accelerator.
 
-    On CPU the value is read at once. Elsewhere reading it would wait for the device queue to drain (a
+    Eager on CPU the value is read at once. Elsewhere reading it would wait for the device queue to drain (a
     host-device synchronisation every training step), so the check is queued on the device instead
-    (``torch._assert_async``): a failure surfaces as a device-side assertion at the next synchronisation.
+    (``torch._assert_async``): a failure surfaces as a device-side assertion at the next synchronisation. Under
+    ``torch.compile`` (any device) the check is ``torch._assert_async`` too: a host read would break the graph;
+    a failure there raises a ``RuntimeError`` when the compiled step runs.
     """
-    if cond.device.type == "cpu":
+    if cond.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(cond):
             raise ValueError(message)
     else:

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from fcmae.models.convnextv2 import STRIDE, ConvNeXtV2Trunk, check_image_size, gather_rows
 from fcmae.models.dwconv import compute_dtype, depthwise_input_grad, depthwise_weight_grad
 
+_MORTON: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
 
-def morton_decode(num_bits: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """``(row, col)`` int64 vectors of length ``4**num_bits``: position of each Morton index in a square block."""
+
+def _morton_tables(num_bits: int, device: torch.device | None) -> tuple[Tensor, Tensor]:
     m = torch.arange(4**num_bits, device=device)
     row = torch.zeros_like(m)
     col = torch.zeros_like(m)
@@ -40,6 +41,22 @@ def morton_decode(num_bits: int, device: torch.device | None = None) -> tuple[Te
         row |= ((m >> (2 * j + 1)) & 1) << j
         col |= ((m >> (2 * j)) & 1) << j
     return row, col
+
+
+def morton_decode(num_bits: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """``(row, col)`` int64 vectors of length ``4**num_bits``: position of each Morton index in a square block.
+
+    Built once per ``(num_bits, device)`` and cached (a per-shape constant: rebuilding it every forward costs a
+    dozen small kernel launches per stage); the returned tensors are shared, never modify them in place. Under
+    ``torch.compile`` they are computed in the graph instead (constant-folded there).
+    """
+    if torch.compiler.is_compiling():
+        return _morton_tables(num_bits, device)
+    key = (num_bits, torch.device(device if device is not None else "cpu"))
+    if key not in _MORTON:
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable by any later forward
+            _MORTON[key] = _morton_tables(num_bits, key[1])
+    return _MORTON[key]
 
 
 def flat_positions(keep: Tensor, grid_w: int, r: int) -> Tensor:

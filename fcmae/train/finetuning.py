@@ -44,13 +44,15 @@ def enable_linear_probe(model: nn.Module) -> None:
     model.head = nn.Sequential(bn, head)
 
 
-def export_classifier(model: nn.Module, path: Path, metadata: Mapping[str, Any]) -> Path:
-    """Write the classifier's dense weights (a linear-probe head folded into one Linear) + string metadata as
+def export_classifier(model: nn.Module | Mapping[str, Tensor], path: Path, metadata: Mapping[str, Any]) -> Path:
+    """Write the classifier's dense weights (a module, or its whole state dict gathered by
+    ``fcmae.train.sharding.full_state_dict``; a linear-probe head folded into one Linear) + string metadata as
     safetensors (atomically)."""
     from fcmae.weights.files import save_state_dict
     from fcmae.weights.loader import fold_probe_head
 
-    sd = fold_probe_head({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    state = model if isinstance(model, Mapping) else model.state_dict()
+    sd = fold_probe_head({k: v.detach().cpu() for k, v in state.items()})
     return save_state_dict(path, sd, {k: str(v) for k, v in metadata.items()})
 
 
@@ -87,6 +89,8 @@ def build_ema(model: nn.Module, cfg: EmaConfig) -> nn.Module | None:
 
     ema = ModelEmaV3(model, decay=cfg.decay, use_warmup=cfg.warmup)
     ema.requires_grad_(False)
+    for m in ema.modules():  # a deep copy of a compiled module (run.compile) would call the original's forward
+        m._compiled_call_impl = None
     return ema
 
 
@@ -190,6 +194,15 @@ class FinetuneRecipe(RecipeBase):
                 "classes": json.dumps(self.data.classes), "config": json.dumps(to_dict(self.cfg)),
                 "epoch": ctx.state.epoch, "step": ctx.state.step}
 
+    def _gathered(self, ctx: TrainContext, source: str) -> dict[str, Tensor]:
+        """The whole weights of the model or its EMA (``fcmae.train.sharding.full_state_dict``; every process)."""
+        from fcmae.train.sharding import full_state_dict
+
+        if source == "ema":
+            assert self.ema is not None
+            return full_state_dict(self.ema.module)
+        return full_state_dict(ctx.model, ctx.accelerator)
+
     def evaluate(self, ctx: TrainContext, epoch: int) -> None:
         """Evaluate the model (and its EMA), log it, keep the best as ``best.safetensors``."""
         from fcmae.evaluation.accuracy import evaluate
@@ -199,17 +212,18 @@ class FinetuneRecipe(RecipeBase):
         res = evaluate(ctx.model, self.val_loader, acc, f"eval {epoch}", progress, **opts)
         rec: dict[str, Any] = {"step": st.step, "epoch": epoch, "val_top1": res["top1"], "val_top5": res["top5"],
                                "val_loss": res["loss"]}
-        cands = [("model", res, ctx.unwrapped)]
+        cands = [("model", res)]
         if self.ema is not None:
             res_e = evaluate(self.ema.module, self.val_loader, acc, f"eval ema {epoch}", progress, **opts)
             rec.update(ema_top1=res_e["top1"], ema_top5=res_e["top5"], ema_loss=res_e["loss"])
-            cands.append(("ema", res_e, self.ema.module))
-        source, best_res, best_model = max(cands, key=lambda c: c[1]["top1"])
+            cands.append(("ema", res_e))
+        source, best_res = max(cands, key=lambda c: c[1]["top1"])
         b = self.best
-        if best_res["top1"] > b.top1:
+        if best_res["top1"] > b.top1:  # the same on every process (evaluate reduces its sums)
             b.top1, b.top5, b.epoch, b.source = best_res["top1"], best_res["top5"], epoch, source
+            weights = self._gathered(ctx, source)  # every process takes part
             if acc.is_main_process:
-                export_classifier(best_model, ctx.out_dir / "best.safetensors",
+                export_classifier(weights, ctx.out_dir / "best.safetensors",
                                   {**self._metadata(ctx), "weights": source, "epoch": epoch,
                                    "top1": f"{b.top1:.4f}", "top5": f"{b.top5:.4f}"})
         b.evaluated_at = st.step
@@ -251,11 +265,11 @@ class FinetuneRecipe(RecipeBase):
         st, out = ctx.state, ctx.out_dir
         if self.best.evaluated_at != st.step:  # stopped mid-epoch (max_steps) or resumed a finished run
             self.evaluate(ctx, st.epoch if st.batch_in_epoch else st.epoch - 1)
-        if ctx.is_main_process:
-            meta = self._metadata(ctx)
-            export_classifier(ctx.unwrapped, out / "last.safetensors", {**meta, "weights": "model"})
-            if self.ema is not None:
-                export_classifier(self.ema.module, out / "last_ema.safetensors", {**meta, "weights": "ema"})
+        meta = self._metadata(ctx)
+        for source, name in [("model", "last")] + ([("ema", "last_ema")] if self.ema is not None else []):
+            weights = self._gathered(ctx, source)  # every process takes part
+            if ctx.is_main_process:
+                export_classifier(weights, out / f"{name}.safetensors", {**meta, "weights": source})
         e, b = self.last_eval, self.best
         return {"train_images": len(self.data.train), "num_classes": self.num_classes,
                 "val_top1": e.get("val_top1"), "val_top5": e.get("val_top5"), "ema_top1": e.get("ema_top1"),

@@ -108,6 +108,9 @@ class PretrainRecipe(RecipeBase):
         self.cfg = cfg
         self.monitor: Any = None
         self.knn: dict[str, Any] = {}  # the last k-NN measurement
+        self._knn_step = -1  # the step it was taken at (known on every process)
+        self._plain: nn.Module | None = None  # main process: the gathered weights in a plain model
+        self._plain_step = -1
         self.normalize = DeviceNormalize(*mean_std(cfg.model.in_chans))
         self.decoder = DeviceDecoder(cfg.data.input_size, cfg.model.in_chans)
 
@@ -137,12 +140,31 @@ class PretrainRecipe(RecipeBase):
                 self.monitor = KnnMonitor(self.cfg.monitor, m.name, m.in_chans, d.input_size, m.use_grn,
                                           d.path if d.source == "fashion_mnist" else None)
 
+    def plain_model(self, ctx: TrainContext) -> nn.Module | None:
+        """The current weights in a plain, unsharded FCMAE built from the config, on the training device, on the
+        main process (None elsewhere). A collective: every process calls it (see ``fcmae.train.sharding``). Also
+        keeps figure and monitor forwards away from a compiled model (no recompilation for eval shapes)."""
+        from fcmae.train.sharding import full_state_dict, load_plain
+
+        step = ctx.state.step
+        if self._plain_step != step:
+            state = full_state_dict(ctx.model, ctx.accelerator)  # every process takes part
+            self._plain_step = step
+            if ctx.is_main_process:
+                self._plain = load_plain(self._plain or build_model(self.cfg), state).to(ctx.accelerator.device)
+        return self._plain if ctx.is_main_process else None
+
     def measure_knn(self, ctx: TrainContext) -> None:
-        """k-NN top-1 of the current encoder: logged (metrics.jsonl, TensorBoard) and printed; main process."""
-        if self.monitor is None or self.knn.get("step") == ctx.state.step:
+        """k-NN top-1 of the current encoder: logged (metrics.jsonl, TensorBoard) and printed. Every process calls
+        it (the weights are gathered); the main process measures on its plain copy."""
+        if not self.cfg.monitor.train or self._knn_step == ctx.state.step:
             return
         st = ctx.state
-        self.knn = {"step": st.step, "epoch": st.epoch, **self.monitor.measure(ctx.unwrapped.encoder)}
+        self._knn_step = st.step
+        plain = self.plain_model(ctx)
+        if plain is None or self.monitor is None:
+            return
+        self.knn = {"step": st.step, "epoch": st.epoch, **self.monitor.measure(plain.encoder)}
         ctx.log({"type": "monitor", **self.knn})
         ctx.say(f"k-NN monitor at step {st.step}: top-1 {self.knn['knn_top1']:.2f} "
                     f"({self.knn['knn_seconds']:.1f} s)")
@@ -176,12 +198,14 @@ class PretrainRecipe(RecipeBase):
             self.export(ctx)
 
     def export(self, ctx: TrainContext) -> dict[str, Any]:
-        """Encoder weights and the reconstruction figure (main process)."""
-        if not ctx.is_main_process:
+        """Encoder weights and the reconstruction figure, from the gathered weights (every process calls it; the
+        main process writes)."""
+        model = self.plain_model(ctx)
+        if model is None:
             return {}
         from fcmae.evaluation.figures import save_reconstruction_figure
 
-        model, out = ctx.unwrapped, ctx.out_dir
+        out = ctx.out_dir
         export_encoder(model, self.cfg, out / "encoder.safetensors", ctx.state.epoch, ctx.state.step)
         dev = next(model.parameters()).device
         mean, std = mean_std(self.cfg.model.in_chans)
@@ -192,8 +216,8 @@ class PretrainRecipe(RecipeBase):
 
     def finish(self, ctx: TrainContext) -> dict[str, Any]:
         out = self.export(ctx)
+        self.measure_knn(ctx)
         if self.monitor is not None:
-            self.measure_knn(ctx)
             out.update(knn_top1=self.knn["knn_top1"], knn_step=self.knn["step"])
         return out
 

@@ -182,6 +182,48 @@ class MetricsLogger:
             self.tb.close()
 
 
+def build_optimizer(groups: list[dict[str, Any]], optim: Any, device: torch.device,
+                    fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over ``groups`` with the ``optim`` section's betas and eps.
+
+    ``fused`` (default: on CUDA) is torch's fused AdamW, and then every group's lr is a 0-dim float32 tensor on
+    ``device``, set in place each step (``set_lr``): no host value changes between steps, which CUDA-graph capture
+    (``run.compile=reduce-overhead``) needs. Elsewhere plain AdamW with float lrs, exactly as before.
+    """
+    fused = device.type == "cuda" if fused is None else fused
+    kwargs: dict[str, Any] = {"betas": tuple(optim.betas), "eps": optim.eps}
+    if not fused:
+        return torch.optim.AdamW(groups, lr=0.0, **kwargs)
+    groups = [{**g, "lr": torch.zeros((), device=device)} for g in groups]  # one tensor per group
+    return torch.optim.AdamW(groups, lr=torch.zeros((), device=device), fused=True, **kwargs)
+
+
+def set_lr(group: dict[str, Any], value: float) -> None:
+    """A group's lr: filled in place when it is a tensor (``build_optimizer(fused=True)``), else replaced."""
+    if isinstance(group["lr"], Tensor):
+        group["lr"].fill_(value)
+    else:
+        group["lr"] = value
+
+
+def rehome_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Tensor lrs back on ``device`` after a checkpoint load (which may have mapped them to the CPU)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], Tensor) and group["lr"].device != device:
+            group["lr"] = group["lr"].detach().to(device, torch.float32)
+
+
+def compile_model(model: nn.Module, mode: str, backend: str) -> nn.Module:
+    """``run.compile``: ``torch.compile`` in place (``nn.Module.compile``), before accelerate wraps the model.
+
+    In place, the parameter names stay those of the plain model, so checkpoints and exports of compiled and eager
+    runs are interchangeable (a resume may switch ``run.compile``) and ``unwrap_model`` needs nothing special.
+    """
+    if mode != "no":
+        model.compile(backend=backend, mode=None if mode == "default" else mode)
+    return model
+
+
 def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, accelerator, lr: float,
                       clip_grad: float | None = None) -> dict[str, Any]:
     """Inside ``accelerator.accumulate``: backward, and at accumulation boundaries set ``lr * lr_scale`` per group,
@@ -195,7 +237,7 @@ def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, accelerato
     grad_norm = None
     if accelerator.sync_gradients:
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            set_lr(group, lr * group.get("lr_scale", 1.0))
         if clip_grad:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = accelerator.clip_grad_norm_(params, clip_grad)
@@ -386,7 +428,8 @@ class Trainer:
         with self.accelerator.main_process_first():  # e.g. one process scans a folder, the others read its list
             self.parts: RecipeParts = self.recipe.setup()
         o = self.cfg.optim
-        optimizer = torch.optim.AdamW(self.parts.param_groups, lr=0.0, betas=tuple(o.betas), eps=o.eps)
+        compile_model(self.parts.model, run.compile, run.compile_backend)
+        optimizer = build_optimizer(self.parts.param_groups, o, self.accelerator.device)
         loader = self._loader()
         if self.sampler is None:  # a stream: see _loader
             self.model, self.optimizer = self.accelerator.prepare(self.parts.model, optimizer)
@@ -406,6 +449,7 @@ class Trainer:
         self.resumed_from = self.start.resume_from
         if self.resumed_from is not None:
             self._load_state(self.resumed_from)
+            rehome_lr(self.optimizer, self.accelerator.device)
         if self.accelerator.is_main_process:
             s = self.schedule
             record_segment(self.out_dir, self.cfg, self.resumed_from, self.state.step, self.start.changes,
