@@ -85,6 +85,8 @@ def test_bad_specs_are_one_line_errors(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="no .tar shards"):
         open_shards(str(tmp_path))
+    with pytest.raises(DataError, match="2 of 2 shard file"):
+        open_shards(str(tmp_path / "s-{0..1}.tar"))
     (tmp_path / "a.tar").write_bytes(b"")
     with pytest.raises(DataError, match="index.json"):
         open_shards(str(tmp_path))

@@ -119,6 +119,10 @@ def open_shards(spec: str, index: str = "") -> ShardSet:
         urls = _expand(spec)
         if local:
             urls = [str(Path(u).expanduser()) for u in urls]
+            missing = [u for u in urls if not Path(u).is_file()]
+            if missing:
+                raise DataError(f"data.path {spec}: {len(missing)} of {len(urls)} shard file(s) not found "
+                                f"(first: {missing[0]}); give a folder of .tar files, a brace pattern or a pipe: spec")
             index = index or str(Path(urls[0]).parent / INDEX_NAME)
     if not urls:
         raise DataError(f"no .tar shards in {spec}")
