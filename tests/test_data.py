@@ -221,7 +221,7 @@ def test_labeled_folder(tmp_path: Path) -> None:
     _imagenet_tree(tmp_path)
     (tmp_path / "train" / "n02" / "0.JPEG").write_bytes(b"broken")
     ds = LabeledImageFolder(tmp_path / "train", build_eval_transform(32, in_chans=3), in_chans=3)
-    assert ds.classes == ["n01", "n02"] and ds.targets == [0, 0, 0, 1, 1, 1]
+    assert ds.classes == ["n01", "n02"] and list(ds.targets) == [0, 0, 0, 1, 1, 1]
     x, label, n = ds[3]
     assert x.shape == (3, 32, 32) and label == 1 and n == 1
     x, label, n = ds[2]

@@ -269,13 +269,18 @@ class LabeledImageFolder(ImageFiles):
             samples.extend((p, self.class_to_idx[c]) for p in files)
         if not samples:
             raise DataError(_no_images_message(root, f"no image files in the {len(self.classes)} class folders"))
-        self.samples = samples
-        self.targets = [label for _, label in samples]
+        # compact, like the paths (a PathList): one int64 array, not a list of Python ints per process
+        self.targets = np.fromiter((label for _, label in samples), dtype=np.int64, count=len(samples))
         super().__init__([p for p, _ in samples], transform, in_chans, on_bad_image)
+
+    @property
+    def samples(self) -> list[tuple[Path, int]]:
+        """``[(path, label)]`` (built on demand from the compact lists)."""
+        return [(self.paths[i], int(t)) for i, t in enumerate(self.targets)]
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:  # type: ignore[override]
         img, used = self._load(index)
         x = self.transform(img) if self.transform is not None else img
-        return x, self.targets[used], int(used != index % len(self.paths))
+        return x, int(self.targets[used]), int(used != index % len(self.paths))
 
 
