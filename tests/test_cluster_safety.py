@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_run_safety import TINY, _restore_threads  # noqa: F401  (the same tiny run; its autouse fixture)
 
 from fcmae.cli import main
 from fcmae.commands._common import run_guarded
@@ -27,18 +28,6 @@ from fcmae.weights.checkpoints import MANIFEST, checkpoint_status, find_latest_c
 from fcmae.weights.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_chans=1", "data.source=demo",
-        "data.input_size=64", "data.limit=16", "data.num_workers=0", "optim.lr=1e-3", "optim.epochs=2",
-        "optim.warmup_epochs=0.5", "model.drop_path_rate=0.2", "run.batch_size=4", "run.progress=false",
-        "run.log_every=1", "run.export_every_epochs=0", "run.num_vis_images=2", "run.mixed_precision=no",
-        "run.threads=1", "run.save_every_steps=2", "run.keep_last=10"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _pre(out: Path, *extra: str) -> PretrainConfig:
