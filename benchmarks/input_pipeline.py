@@ -35,9 +35,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fcmae.data import ImageFiles, SeededSamples, build_finetune_transform, build_pretrain_transform  # noqa: E402
-from fcmae.data.decode import DeviceDecoder, collate_samples, read_image_u8, read_jpeg_or_image  # noqa: E402
+from fcmae.data.decode import collate_samples, read_image_u8, read_jpeg_or_image  # noqa: E402
 from fcmae.data.images import load_image  # noqa: E402
-from fcmae.data.transforms import DeferredCropU8  # noqa: E402
+from fcmae.data.transforms import DeferredCropU8, DeviceDecoder  # noqa: E402
 from fcmae.models.registry import mean_std  # noqa: E402
 
 SIZES = ((500, 375), (400, 500))  # ImageNet's typical landscape and portrait shapes

@@ -445,7 +445,8 @@ def test_gpu_decode_path_on_cpu_equals_the_cpu_path(tmp_path: Path, in_chans: in
 
     from fcmae.config import PretrainDataConfig
     from fcmae.data import build_pretrain_train_set
-    from fcmae.data.decode import DeviceDecoder, JpegBatch, collate_samples
+    from fcmae.data.decode import JpegBatch, collate_samples
+    from fcmae.data.transforms import DeviceDecoder
 
     folder = _jpeg_folder(tmp_path / "imgs")
     sets = {d: build_pretrain_train_set(PretrainDataConfig(source="folder", path=str(folder), input_size=32, decode=d),

@@ -30,6 +30,15 @@ from fcmae.data.transforms import (
 
 
 # --------------------------------------------------------------------------------------------- pretraining
+def pretrain_image_root(cfg: Any) -> Path:
+    """The folder whose images pretraining reads: ``data.path`` (``data.path/train`` for ImageNet when it has one).
+    File lists (``data.file_list``) are relative to it."""
+    if not cfg.path:
+        raise DataError(f"data.path is required for data.source={cfg.source}")
+    root = Path(cfg.path).expanduser()
+    return root / "train" if cfg.source == "imagenet" and (root / "train").is_dir() else root
+
+
 def build_pretrain_dataset(cfg: Any, in_chans: int) -> Dataset:
     """The pretraining set named by ``cfg.source`` (a ``data`` config section); items ``(image (C, S, S), n_skipped)``.
 
@@ -40,11 +49,7 @@ def build_pretrain_dataset(cfg: Any, in_chans: int) -> Dataset:
     tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
     limit = max(0, int(cfg.limit))
     if cfg.source in ("folder", "imagenet"):
-        if not cfg.path:
-            raise DataError(f"data.path is required for data.source={cfg.source}")
-        root = Path(cfg.path).expanduser()
-        if cfg.source == "imagenet" and (root / "train").is_dir():
-            root = root / "train"
+        root = pretrain_image_root(cfg)
         paths = scan_or_read_file_list(root, cfg.file_list)
         # limit the paths (not a Subset) so replacements for bad files come from inside the limit too
         return _pretrain_files(cfg, in_chans, paths[:limit] if limit else paths)

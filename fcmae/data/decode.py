@@ -8,14 +8,17 @@ colour space libjpeg converts (gray, YCbCr, CMYK -> RGB), with the EXIF orientat
 and every other format (PNG, WebP, palette, alpha, 16-bit ...), is decoded by ``load_image`` (PIL), as before.
 
 ``decode_jpeg_batch`` decodes a list of JPEG byte strings at once on any device: on CUDA that is nvJPEG (the
-``data.decode=gpu`` option); on CPU the same function is the fallback, and what the tests exercise.
+``data.decode=gpu`` option, whose worker side is ``read_jpeg_or_image`` and ``JpegItem``/``JpegBatch``); on CPU
+the same function is the fallback, and what the tests exercise.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -62,22 +65,33 @@ def decode_jpeg_bytes(data: bytes, in_chans: int) -> Tensor | None:
     return x if x.shape[0] == in_chans else None
 
 
-def read_image_u8(path: str | Path, in_chans: int = 3) -> Tensor:
-    """Decode one image file -> ``(in_chans, H, W)`` uint8; :class:`BadImageError` naming the file if unreadable."""
+def read_file(path: str | Path) -> bytes:
+    """A file's bytes; :class:`BadImageError` naming the file if it cannot be read."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except OSError as exc:
         raise BadImageError(f"cannot read image {p}: {type(exc).__name__}: {exc}") from exc
+
+
+def decode_bytes(data: bytes, in_chans: int, name: str = "image bytes") -> Tensor:
+    """An encoded image -> ``(in_chans, H, W)`` uint8: libjpeg-turbo for a complete JPEG, else PIL (``load_image``:
+    every format, EXIF orientation, odd modes); :class:`BadImageError` naming ``name`` if neither can."""
     x = decode_jpeg_bytes(data, in_chans)
-    return x if x is not None else pil_to_u8(load_image(p, in_chans))
+    return x if x is not None else pil_to_u8(load_image(io.BytesIO(data), in_chans, name=name))
+
+
+def read_image_u8(path: str | Path, in_chans: int = 3) -> Tensor:
+    """Decode one image file -> ``(in_chans, H, W)`` uint8 (read once, decoded by ``decode_bytes``);
+    :class:`BadImageError` naming the file if unreadable."""
+    return decode_bytes(read_file(path), in_chans, name=str(path))
 
 
 def decode_jpeg_batch(datas: Sequence[bytes], in_chans: int = 3, device: torch.device | str = "cpu"
                       ) -> list[Tensor]:
     """Decode JPEG byte strings on ``device`` (nvJPEG on CUDA, in one batched call) -> ``(in_chans, H_i, W_i)``
-    uint8 tensors there. A string the batched decoder refuses is decoded alone on the CPU (PIL if need be) and
-    moved to ``device``, so one odd file does not fail the batch."""
+    uint8 tensors there. When the batched decoder refuses one, each is decoded alone on the CPU (``decode_bytes``:
+    PIL if need be) and moved to ``device``, so one odd file does not fail the batch."""
     from torchvision.io import decode_jpeg
 
     bufs = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
@@ -89,39 +103,32 @@ def decode_jpeg_batch(datas: Sequence[bytes], in_chans: int = 3, device: torch.d
             return list(out)
     except Exception:
         pass
-    return [_decode_one(d, in_chans).to(device) for d in datas]
-
-
-def _decode_one(data: bytes, in_chans: int) -> Tensor:
-    x = decode_jpeg_bytes(data, in_chans)
-    if x is not None:
-        return x
-    import io
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            from fcmae.data.images import to_model_mode
-
-            return pil_to_u8(to_model_mode(img, in_chans))
-    except Exception as exc:
-        raise BadImageError(f"cannot decode image bytes: {type(exc).__name__}: {exc}") from exc
+    return [decode_bytes(d, in_chans).to(device) for d in datas]
 
 
 # --------------------------------------------------------------------------------------------- data.decode=gpu
+class JpegFile(NamedTuple):
+    """A complete JPEG's bytes and its decoded (EXIF-upright) size, read from the header alone."""
+
+    data: bytes
+    height: int
+    width: int
+
+
 class JpegItem:
     """One image for device decoding: the file's JPEG bytes and its crop ``(top, left, h, w, flip)`` in the
     decoded (EXIF-upright) image; or, for a file the device decoder cannot take, the finished ``ready`` crop."""
 
     __slots__ = ("data", "box", "ready")
 
-    def __init__(self, data: Tensor | None, box: tuple[int, int, int, int, int], ready: Tensor | None = None) -> None:
+    def __init__(self, data: bytes | None, box: tuple[int, int, int, int, int], ready: Tensor | None = None) -> None:
         self.data, self.box, self.ready = data, box, ready
 
 
 class JpegBatch:
     """A batch of ``JpegItem``: what the DataLoader hands over with ``data.decode=gpu``. ``to(device)`` keeps the
-    bytes on the host (the decoder reads them from there); ``DeviceDecoder`` turns it into ``(N, C, S, S)`` uint8."""
+    bytes on the host (the decoder reads them from there); ``fcmae.data.transforms.DeviceDecoder`` turns it into
+    ``(N, C, S, S)`` uint8."""
 
     def __init__(self, items: list[JpegItem]) -> None:
         self.items = items
@@ -139,8 +146,6 @@ class JpegBatch:
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
     """``(height, width)`` of a complete JPEG as ``decode_jpeg(apply_exif_orientation=True)`` returns it (EXIF
     rotations by 90 degrees swap the sides), read from the header only; None when it is not one."""
-    import io
-
     if not is_complete_jpeg(data):
         return None
     try:
@@ -154,39 +159,12 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
     return (w, h) if turned else (h, w)
 
 
-class DeviceDecoder:
-    """``JpegBatch`` -> ``(N, in_chans, S, S)`` uint8 on ``device``: one batched ``decode_jpeg`` (nvJPEG on CUDA),
-    then each image's crop resized there (bicubic, antialiased) and flipped; ready items are moved as they are.
-    A uint8 or float tensor batch passes through unchanged (the CPU path)."""
-
-    def __init__(self, size: int, in_chans: int) -> None:
-        self.size, self.in_chans = size, in_chans
-
-    def __call__(self, batch: Tensor | JpegBatch, device: torch.device | str) -> Tensor:
-        if not isinstance(batch, JpegBatch):
-            return batch
-        from torchvision.transforms.v2 import functional as TF
-
-        todo = [i for i, it in enumerate(batch.items) if it.ready is None]
-        decoded = decode_jpeg_batch([bytes(batch.items[i].data.numpy()) for i in todo], self.in_chans, device)
-        out: list[Tensor] = [it.ready.to(device) if it.ready is not None else None for it in batch.items]
-        for i, x in zip(todo, decoded):
-            top, left, h, w, flip = batch.items[i].box
-            y = TF.resized_crop(x, top, left, h, w, [self.size, self.size],
-                                interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-            out[i] = y.flip(-1) if flip else y
-        return torch.stack(out)
-
-
-def read_jpeg_or_image(path: str | Path, in_chans: int = 3) -> bytes | Tensor:
-    """``data.decode=gpu`` reader: a complete JPEG's bytes (decoded later, on the device), else the decoded
-    ``(in_chans, H, W)`` uint8 image (PIL); :class:`BadImageError` naming the file if unreadable."""
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as exc:
-        raise BadImageError(f"cannot read image {p}: {type(exc).__name__}: {exc}") from exc
-    return data if jpeg_size(data) is not None else pil_to_u8(load_image(p, in_chans))
+def read_jpeg_or_image(path: str | Path, in_chans: int = 3) -> JpegFile | Tensor:
+    """``data.decode=gpu`` reader: a complete JPEG as a ``JpegFile`` (decoded later, on the device), else the
+    decoded ``(in_chans, H, W)`` uint8 image; :class:`BadImageError` naming the file if unreadable."""
+    data = read_file(path)
+    hw = jpeg_size(data)
+    return JpegFile(data, *hw) if hw is not None else decode_bytes(data, in_chans, name=str(path))
 
 
 def collate_samples(batch: list) -> object:

@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image
@@ -93,10 +93,11 @@ def _exif_upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def load_image(path: str | Path, in_chans: int = 3) -> Image.Image:
-    """Decode one image file fully to mode ``L`` or ``RGB``; raise :class:`BadImageError` naming the file if not.
+def load_image(path: str | Path | BinaryIO, in_chans: int = 3, name: str | None = None) -> Image.Image:
+    """Decode one image fully to mode ``L`` or ``RGB``; raise :class:`BadImageError` naming the file if not.
 
-    ``img.load()`` forces the whole decode here, so a truncated JPEG/PNG raises (PIL's
+    ``path``: a file path, or a binary file object (e.g. ``io.BytesIO`` of bytes already read) named ``name`` in
+    errors. ``img.load()`` forces the whole decode here, so a truncated JPEG/PNG raises (PIL's
     ``ImageFile.LOAD_TRUNCATED_IMAGES`` must stay False: we never set it).
     """
     try:
@@ -105,7 +106,12 @@ def load_image(path: str | Path, in_chans: int = 3) -> Image.Image:
             img = _exif_upright(img)
             return to_model_mode(img, in_chans)
     except Exception as exc:  # PIL plugins raise OSError, SyntaxError, ValueError, struct.error ...
-        raise BadImageError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        raise BadImageError(f"cannot read image {name or path}: {type(exc).__name__}: {exc}") from exc
+
+
+def class_folders(root: Path) -> list[str]:
+    """The class folder names of an ImageNet-style ``root`` (sorted; hidden ones skipped)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
 # --------------------------------------------------------------------------------------------- scanning
@@ -257,7 +263,7 @@ class LabeledImageFolder(ImageFiles):
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist" if not root.exists() else f"{root} is not a folder")
         self.root = root
-        self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.classes = class_folders(root)
         if not self.classes:
             raise DataError(f"no class folders in {root} (expected {root}/<class name>/<images>)")
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}

@@ -41,24 +41,19 @@ def seeded(s: int, seed_globals: bool = False) -> Iterator[None]:
     per call in a DataLoader worker of a CUDA build)."""
     global _CURRENT
     _CURRENT = np.random.default_rng(s)
-    if not seed_globals:
-        try:
-            yield
-        finally:
-            _CURRENT = None
-        return
-    py_state, np_state = random.getstate(), np.random.get_state()
-    torch_state = torch.default_generator.get_state()
+    saved = (random.getstate(), np.random.get_state(), torch.default_generator.get_state()) if seed_globals else None
     try:
-        random.seed(s)
-        np.random.seed(s & 0xFFFFFFFF)
-        torch.default_generator.manual_seed(s)
+        if saved is not None:
+            random.seed(s)
+            np.random.seed(s & 0xFFFFFFFF)
+            torch.default_generator.manual_seed(s)
         yield
     finally:
         _CURRENT = None
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.default_generator.set_state(torch_state)
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
 
 
 class Sample(NamedTuple):

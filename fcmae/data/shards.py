@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fcmae.data.decode import decode_jpeg_bytes, pil_to_u8
-from fcmae.data.images import DataError, LabeledImageFolder, find_images, to_model_mode
+from fcmae.data.decode import decode_bytes
+from fcmae.data.images import DataError, class_folders, find_images
 from fcmae.data.sampling import Sample, sample_seed, seeded
 from fcmae.models.masking import MASK_RATIO, random_masking
 
@@ -46,12 +46,15 @@ _EXT = {".jpeg": "jpg", ".jpg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "
 
 # --------------------------------------------------------------------------------------------- writing
 def _labelled_files(src: Path) -> tuple[list[Path], list[int] | None, list[str] | None]:
-    """``(files, labels, classes)``: class folders (every image inside a first-level folder) give labels."""
+    """``(files, labels, classes)`` from one scan: class folders (every image inside a first-level folder) give
+    labels, indexed like ``LabeledImageFolder``'s (sorted class folders, empty ones included)."""
     files = find_images(src)
-    if all(len(p.relative_to(src).parts) >= 2 for p in files):
-        folder = LabeledImageFolder(src)
-        return [p for p, _ in folder.samples], list(folder.targets), list(folder.classes)
-    return files, None, None
+    first = [p.relative_to(src).parts for p in files]
+    if not all(len(parts) >= 2 for parts in first):
+        return files, None, None
+    classes = class_folders(src)
+    index = {c: i for i, c in enumerate(classes)}
+    return files, [index[parts[0]] for parts in first], classes
 
 
 def _count_shard(path: Path) -> int:
@@ -144,22 +147,13 @@ def _shard_name(url: str) -> str:
 
 
 def decode_sample_image(sample: dict[str, Any], in_chans: int) -> torch.Tensor:
-    """The image of a raw webdataset sample -> ``(in_chans, H, W)`` uint8 (libjpeg-turbo, else PIL)."""
-    import io
-
-    from PIL import Image
-
+    """The image of a raw webdataset sample -> ``(in_chans, H, W)`` uint8 (``decode_bytes``: libjpeg-turbo, else
+    PIL, as for image files)."""
     key = next((k for k in IMAGE_KEYS if k in sample), None) or next(
         (k for k in sample if not k.startswith("__") and k != "cls"), None)
     if key is None:
         raise DataError(f"sample {sample.get('__key__')} holds no image (keys {sorted(sample)})")
-    data = sample[key]
-    x = decode_jpeg_bytes(data, in_chans) if key in ("jpg", "jpeg") else None
-    if x is None:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            x = pil_to_u8(to_model_mode(img, in_chans))
-    return x
+    return decode_bytes(sample[key], in_chans, name=f"{sample.get('__url__', '')}/{sample.get('__key__')}.{key}")
 
 
 class ShardStream(IterableDataset):

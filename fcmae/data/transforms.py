@@ -13,15 +13,16 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
-from fcmae.data.decode import pil_to_u8
+from fcmae.data.decode import JpegBatch, JpegFile, JpegItem, decode_jpeg_batch, pil_to_u8
 from fcmae.data.images import check_in_chans
 from fcmae.data.sampling import sample_generator
 from fcmae.models.registry import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from fcmae.models.registry import mean_std as default_mean_std
 
-__all__ = ["GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DeviceNormalize", "DeviceRandomErasing",
-           "DeferredCropU8", "RandomResizedCropU8", "ResizeCenterCropU8",
-           "build_eval_transform", "build_finetune_transform", "build_pretrain_transform", "crop_params", "mean_std"]
+__all__ = ["GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DeferredCropU8", "DeviceDecoder",
+           "DeviceNormalize", "DeviceRandomErasing", "RandomResizedCropU8", "ResizeCenterCropU8",
+           "build_eval_transform", "build_finetune_transform", "build_pretrain_transform", "crop_params",
+           "eval_resize", "mean_std", "resized_crop_u8"]
 
 
 
@@ -71,6 +72,16 @@ def crop_params(height: int, width: int, scale: tuple[float, float], ratio: tupl
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def resized_crop_u8(x: Tensor, box: tuple[int, int, int, int, int], size: int) -> Tensor:
+    """``x[..., top:top+h, left:left+w]`` resized to ``size x size`` (bicubic, antialiased; uint8 kernels) and
+    flipped left-right when ``box[4]``: box ``(top, left, h, w, flip)``. The one crop op of the CPU path and of
+    the device decoder, so both give the same pixels."""
+    top, left, h, w, flip = box
+    out = TF.resized_crop(x, top, left, h, w, [size, size], interpolation=TF.InterpolationMode.BICUBIC,
+                          antialias=True)
+    return out.flip(-1) if flip else out
+
+
 class RandomResizedCropU8:
     """FCMAE's pretraining augmentation on uint8: random resized crop (bicubic, antialiased) and horizontal flip
     ``(C, H, W)`` uint8 (or a decoded PIL image) -> ``(C, S, S)`` uint8; normalisation happens on the device
@@ -84,15 +95,15 @@ class RandomResizedCropU8:
                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
         self.size, self.scale, self.hflip, self.ratio = size, tuple(scale), hflip, tuple(ratio)
 
+    def draw(self, height: int, width: int) -> tuple[int, int, int, int, int]:
+        """The crop and flip ``(top, left, h, w, flip)`` of an ``height x width`` image, from ``sample_generator()``."""
+        rng = sample_generator()
+        top, left, h, w = crop_params(height, width, self.scale, self.ratio, rng)
+        return top, left, h, w, int(self.hflip > 0 and rng.random() < self.hflip)
+
     def __call__(self, img: Tensor | Image.Image) -> Tensor:
         x = pil_to_u8(img) if isinstance(img, Image.Image) else img
-        rng = sample_generator()
-        top, left, h, w = crop_params(x.shape[-2], x.shape[-1], self.scale, self.ratio, rng)
-        out = TF.resized_crop(x, top, left, h, w, [self.size, self.size],
-                              interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        if self.hflip > 0 and rng.random() < self.hflip:
-            out = out.flip(-1)
-        return out.contiguous()
+        return resized_crop_u8(x, self.draw(x.shape[-2], x.shape[-1]), self.size).contiguous()
 
 
 class DeviceNormalize:
@@ -116,18 +127,30 @@ class DeviceNormalize:
 
 class DeferredCropU8(RandomResizedCropU8):
     """``data.decode=gpu``: the same random crop and flip as ``RandomResizedCropU8``, drawn in the worker from the
-    file's header, applied on the device after decoding (``fcmae.data.decode.DeviceDecoder``). Input: the file's
-    bytes (``read_jpeg_or_image``); a file that is not a complete JPEG is decoded and cropped here instead."""
+    JPEG's header size, applied on the device after decoding (``DeviceDecoder``). Input: what
+    ``read_jpeg_or_image`` returns; an image it had to decode already is cropped here instead."""
 
-    def __call__(self, img: Any) -> Any:  # bytes -> JpegItem; a decoded image -> its finished crop as a JpegItem
-        from fcmae.data.decode import JpegItem, jpeg_size
-
-        if isinstance(img, (bytes, bytearray)) and (hw := jpeg_size(img)) is not None:
-            rng = sample_generator()
-            top, left, h, w = crop_params(hw[0], hw[1], self.scale, self.ratio, rng)
-            flip = int(self.hflip > 0 and rng.random() < self.hflip)
-            return JpegItem(torch.frombuffer(bytearray(img), dtype=torch.uint8), (top, left, h, w, flip))
+    def __call__(self, img: Any) -> JpegItem:
+        if isinstance(img, JpegFile):
+            return JpegItem(img.data, self.draw(img.height, img.width))
         return JpegItem(None, (0, 0, 0, 0, 0), super().__call__(img))
+
+
+class DeviceDecoder:
+    """``JpegBatch`` -> ``(N, in_chans, S, S)`` uint8 on ``device``: one batched ``decode_jpeg_batch`` (nvJPEG on
+    CUDA), then each image's crop (``resized_crop_u8``) there; ready items are moved as they are. A tensor batch
+    (the CPU path) passes through unchanged."""
+
+    def __init__(self, size: int, in_chans: int) -> None:
+        self.size, self.in_chans = size, in_chans
+
+    def __call__(self, batch: Tensor | JpegBatch, device: torch.device | str) -> Tensor:
+        if not isinstance(batch, JpegBatch):
+            return batch
+        todo = [it for it in batch.items if it.ready is None]
+        decoded = iter(decode_jpeg_batch([it.data for it in todo], self.in_chans, device))
+        return torch.stack([it.ready.to(device) if it.ready is not None else
+                            resized_crop_u8(next(decoded), it.box, self.size) for it in batch.items])
 
 
 def build_pretrain_transform(input_size: int = 224, crop_scale: tuple[float, float] = (0.2, 1.0),
@@ -138,12 +161,17 @@ def build_pretrain_transform(input_size: int = 224, crop_scale: tuple[float, flo
     return RandomResizedCropU8(input_size, tuple(crop_scale), hflip)
 
 
+def eval_resize(input_size: int, crop_pct: float) -> int:
+    """The shorter side before the evaluation's centre crop: ``input_size / crop_pct`` (224 / 0.875 -> 256, not 255
+    from rounding error)."""
+    return int(math.floor(input_size / crop_pct + 1e-6))
+
+
 def build_eval_transform(input_size: int = 224, crop_pct: float = 224 / 256, in_chans: int = 3) -> T.Compose:
     """Resize the shorter side to ``input_size / crop_pct`` (bicubic), center crop, normalise -> ``(C, S, S)``."""
     mean, std = mean_std(in_chans)
-    resize = int(math.floor(input_size / crop_pct + 1e-6))  # 224 / 0.875 -> 256, not 255 from rounding error
     return T.Compose([
-        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
+        T.Resize(eval_resize(input_size, crop_pct), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(input_size),
         T.ToTensor(),
         T.Normalize(mean, std),
@@ -155,7 +183,7 @@ class ResizeCenterCropU8:
     antialiased), centre crop -> ``(C, S, S)`` uint8, normalised on the device."""
 
     def __init__(self, input_size: int = 224, crop_pct: float = 224 / 256) -> None:
-        self.size, self.resize = input_size, int(math.floor(input_size / crop_pct + 1e-6))
+        self.size, self.resize = input_size, eval_resize(input_size, crop_pct)
 
     def __call__(self, x: Tensor) -> Tensor:
         x = TF.resize(x, [self.resize], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)

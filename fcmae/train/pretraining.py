@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from torch.utils.data import IterableDataset
 
 from fcmae.config import PretrainConfig, to_dict
-from fcmae.data.decode import DeviceDecoder, collate_samples
+from fcmae.data.decode import collate_samples
 from fcmae.data.sampling import Sample
-from fcmae.data.transforms import DeviceNormalize
+from fcmae.data.transforms import DeviceDecoder, DeviceNormalize
 from fcmae.models.masking import num_kept
 from fcmae.models.registry import mean_std
 from fcmae.train.recipe import RecipeBase, RecipeParts, StepHook, TrainContext
@@ -94,10 +94,10 @@ def _keep_file_list(data: Any, train_set: Any) -> None:
     paths = getattr(getattr(train_set, "base", None), "paths", None)
     if dst is None or dst.exists() or paths is None or data.limit:
         return
+    from fcmae.data.builders import pretrain_image_root
     from fcmae.weights.files import write_text_atomic
 
-    root = Path(data.path).expanduser()
-    root = root / "train" if data.source == "imagenet" and (root / "train").is_dir() else root
+    root = pretrain_image_root(data)
     write_text_atomic(dst, "".join(f"{p.relative_to(root)}\n" for p in paths))
 
 
