@@ -101,7 +101,7 @@ def main(out: Path) -> None:
     state = TrainState(epoch=1, step=2)
     ctx = TrainContext(accelerator=acc, model=sharded, unwrapped=sharded, optimizer=opt_s, state=state,
                        schedule=None, out_dir=out, mixed_precision="no", resumed_from=None, log=lambda rec: None,
-                       image=lambda tag, path, step: None)
+                       image=lambda tag, path, step: None, say=lambda *a: None)
     written = recipe.export(ctx)
 
     # sharded save and resume: each rank writes and reads its own shards

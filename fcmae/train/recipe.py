@@ -15,7 +15,6 @@ methods, nothing implicit):
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ class TrainContext:
     ``model``: the prepared (possibly wrapped) model; ``unwrapped``: the plain module; ``state``: the progress
     counters (``TrainState``: epoch, step, ...); ``schedule``: run length and learning rate (``Schedule``);
     ``log(record)``: one metrics row (main process); ``image(tag, png, step)``: a figure to TensorBoard;
-    ``say(*text)``: a line on stderr (main process).
+    ``say(*text)``: a line on stderr (main process; above the progress bar).
     """
 
     accelerator: Any
@@ -75,14 +74,11 @@ class TrainContext:
     resumed_from: Path | None
     log: Callable[[dict[str, Any]], None] = field(repr=False)
     image: Callable[[str, Path, int], None] = field(repr=False)
+    say: Callable[..., None] = field(repr=False)
 
     @property
     def is_main_process(self) -> bool:
         return bool(self.accelerator.is_main_process)
-
-    def say(self, *args: Any) -> None:
-        if self.is_main_process:
-            print(*args, file=sys.stderr, flush=True)
 
 
 StepHook = Callable[[TrainContext], None]

@@ -459,7 +459,6 @@ class Trainer:
         self.logger.truncate_after(self.state.step)
         self.ctx.resumed_from = self.resumed_from
         self.ctx.log, self.ctx.image = self.record, self.logger.image
-        self.ctx.say = self.say  # type: ignore[method-assign]  # lines go above the progress bar
 
     def elapsed(self) -> float:
         """Training seconds of the whole run: the earlier invocations' (from the checkpoint) + this one's."""
@@ -478,7 +477,7 @@ class Trainer:
         return TrainContext(accelerator=self.accelerator, model=self.model, unwrapped=self.unwrapped,
                             optimizer=self.optimizer, state=self.state, schedule=self.schedule, out_dir=self.out_dir,
                             mixed_precision=self.mixed_precision, resumed_from=None, log=lambda rec: None,
-                            image=lambda tag, path, step: None)
+                            image=lambda tag, path, step: None, say=self.say)
 
     def _describe(self) -> None:
         s, run, acc = self.schedule, self.cfg.run, self.accelerator
