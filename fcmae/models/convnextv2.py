@@ -337,6 +337,18 @@ class ConvNeXtV2Trunk(nn.Module):
                     nn.init.zeros_(m.bias)
 
 
+class AdoptedTrunk(nn.Module):
+    """Base of the sparse encoders: made from a built ``ConvNeXtV2Trunk`` whose stem, downsample layers and stages
+    it adopts (so its parameters are the dense model's, names and shapes), with the trunk's architecture facts."""
+
+    def __init__(self, trunk: ConvNeXtV2Trunk) -> None:
+        super().__init__()
+        self.in_chans, self.depths, self.dims = trunk.in_chans, trunk.depths, trunk.dims
+        self.use_grn, self.num_features = trunk.use_grn, trunk.num_features
+        self.downsample_layers = trunk.downsample_layers
+        self.stages = trunk.stages
+
+
 class ConvNeXtV2(ConvNeXtV2Trunk):
     """Dense ConvNeXt V2 classifier.
 

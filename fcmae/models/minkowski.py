@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcmae.models.convnextv2 import GRN, STRIDE, Block, ConvNeXtV2Trunk, check_image_size, gather_rows
+from fcmae.models.convnextv2 import GRN, STRIDE, AdoptedTrunk, Block, ConvNeXtV2Trunk, check_image_size, gather_rows
 
 INSTALL_HINT = "scripts/install_minkowski.sh"
 SparseTensor = Any  # MinkowskiEngine.SparseTensor (the library is optional, so not imported for annotations)
@@ -261,7 +261,7 @@ class _OfficialLayout(nn.Module):
 
 # --- the encoder --------------------------------------------------------------------------------------------------
 
-class MinkowskiConvNeXtV2(nn.Module):
+class MinkowskiConvNeXtV2(AdoptedTrunk):
     """ConvNeXt V2 encoder computed with MinkowskiEngine sparse layers; drop-in for ``SparseConvNeXtV2``, made the
     same way: from a dense trunk whose modules it adopts.
 
@@ -275,11 +275,7 @@ class MinkowskiConvNeXtV2(nn.Module):
         me = import_minkowski()
         if not trunk.use_grn:
             raise ValueError("use_grn=False (model.use_grn=false) is not available with the minkowski backend")
-        super().__init__()
-        self.in_chans, self.depths, self.dims = trunk.in_chans, trunk.depths, trunk.dims
-        self.use_grn, self.num_features = trunk.use_grn, trunk.num_features
-        self.downsample_layers = trunk.downsample_layers
-        self.stages = trunk.stages
+        super().__init__(trunk)
         object.__setattr__(self, "official", _OfficialLayout(trunk, me))
 
     def _to_sparse(self, imgs: Tensor, keep: Tensor) -> SparseTensor:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcmae.models.convnextv2 import STRIDE, ConvNeXtV2Trunk, check_image_size, gather_rows
+from fcmae.models.convnextv2 import STRIDE, AdoptedTrunk, check_image_size, gather_rows
 from fcmae.models.dwconv import compute_dtype, depthwise_input_grad, depthwise_weight_grad
 
 _MORTON: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
@@ -167,7 +167,7 @@ def _layer_norm(x: Tensor, ln: nn.LayerNorm) -> Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
-class SparseConvNeXtV2(nn.Module):
+class SparseConvNeXtV2(AdoptedTrunk):
     """ConvNeXt V2 encoder that runs on visible cells only, made from a dense trunk (SparK's
     ``dense_model_to_sparse`` shape): it adopts the trunk's stem, downsample layers and stages, so its parameters
     are the dense model's, names and shapes, and nothing here restates the architecture.
@@ -176,13 +176,6 @@ class SparseConvNeXtV2(nn.Module):
     cell indices on the ``H/32 x W/32`` grid (ascending, see ``fcmae.models.masking.kept_indices``) ->
     ``(N, K, C_last)`` final-stage features, one token per visible cell, in the order of ``keep``.
     """
-
-    def __init__(self, trunk: ConvNeXtV2Trunk) -> None:
-        super().__init__()
-        self.in_chans, self.depths, self.dims = trunk.in_chans, trunk.depths, trunk.dims
-        self.use_grn, self.num_features = trunk.use_grn, trunk.num_features
-        self.downsample_layers = trunk.downsample_layers
-        self.stages = trunk.stages
 
     def _stem(self, imgs: Tensor, keep: Tensor) -> Tensor:
         """Visible 32x32 patches -> ``(N, K*64, C0)`` tokens (before the stem LayerNorm)."""
