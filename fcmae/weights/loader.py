@@ -29,9 +29,10 @@ def resolve_weights_path(path: str | Path, run_files: tuple[str, ...] = RUN_WEIG
     the first of ``run_files`` present (default: best, last, encoder), else its newest complete checkpoint. A run
     folder with none of these is a ``WeightsError``. Folders are read by ``fcmae.weights.files`` (their model file)."""
     from fcmae.weights.checkpoints import find_latest_checkpoint
+    from fcmae.weights.files import ACCELERATE_MODEL_FILES
 
     p = Path(path)
-    if not p.is_dir() or (p / "model.safetensors").is_file() or (p / "pytorch_model.bin").is_file():
+    if not p.is_dir() or any((p / name).is_file() for name in ACCELERATE_MODEL_FILES):
         return p
     for name in run_files:
         if (p / name).is_file():
