@@ -140,6 +140,34 @@ def test_fast_decoder_matches_pil_on_every_odd_file(image_folder: Path, in_chans
     assert is_complete_jpeg(_jpeg_bytes()) and not is_complete_jpeg(_jpeg_bytes()[:-100])
 
 
+@pytest.mark.parametrize("in_chans", [1, 3])
+def test_fast_decoder_applies_every_exif_and_xmp_orientation_like_pil(tmp_path: Path, in_chans: int) -> None:
+    """Orientations 1-8 (EXIF), one given only in XMP, and a broken EXIF block: the fast JPEG path returns the
+    image PIL's ``load_image`` shows, and the data.decode=gpu reader hands over only upright files."""
+    from fcmae.data.decode import JpegFile, read_jpeg_or_image
+
+    img = _rgb(5, (40, 24))  # 40 wide, 24 high: non-square, so a wrong transpose changes the shape
+    files = []
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        img.save(tmp_path / f"o{o}.jpg", exif=exif.tobytes(), quality=95)
+        files.append((tmp_path / f"o{o}.jpg", o))
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">' \
+          b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    img.save(tmp_path / "xmp.jpg", xmp=xmp, quality=95)
+    files.append((tmp_path / "xmp.jpg", 6))
+    data = (tmp_path / "o1.jpg").read_bytes()
+    broken = data[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00*\x00\x00\x00\xff" + data[2:]  # IFD offset past the end
+    (tmp_path / "broken.jpg").write_bytes(broken)
+    files.append((tmp_path / "broken.jpg", 1))
+    for path, o in files:
+        ours, pil = read_image_u8(path, in_chans), pil_to_u8(load_image(path, in_chans))
+        assert ours.shape == pil.shape == ((in_chans, 40, 24) if o >= 5 else (in_chans, 24, 40)), (path, ours.shape)
+        assert (ours.int() - pil.int()).abs().float().mean() <= 0.5, path
+        assert isinstance(read_jpeg_or_image(path, in_chans), JpegFile) == (o == 1), path
+
+
 # --------------------------------------------------------------------------------------------- bad files
 def test_bad_files_are_skipped_and_counted(image_folder: Path) -> None:
     assert not ImageFile.LOAD_TRUNCATED_IMAGES  # else truncated JPEGs silently decode as gray
