@@ -3,20 +3,22 @@
 Makes ImageNet-like JPEGs from the natural photos scikit-image ships (cropped and rescaled to 500x375 and 400x500,
 quality 90), then measures images/s with one thread and ``num_workers=0``: each dataset is iterated through a
 ``DataLoader`` in batches of 32, so a path's time is what one DataLoader worker spends on it (reading, decoding,
-augmenting and collating the batch). Every path runs in the same process, interleaved on the same pieces of 64
+augmenting and collating the batch). Every path runs in the same process, interleaved on the same pieces of 32
 images over several rounds (each piece's fastest round kept; see ``measure``):
 
 - ``before``: the pretraining dataset as the previous release built it (kept here as the baseline): PIL decode,
   torchvision's RandomResizedCrop on the PIL image, ToTensor + Normalize to float32, every sample seeded through the
   global ``random`` / ``numpy`` / ``torch.manual_seed`` generators;
-- ``after``: today's pretraining dataset (``fcmae.data.build_pretrain_dataset``'s pieces): libjpeg-turbo decode to
-  uint8, crop then resize on uint8, per-sample NumPy generator, uint8 out (normalised on the device);
+- ``after``: today's pretraining training set as a run builds it (``fcmae.data.build_pretrain_train_set``): the
+  batch's files read first, crops drawn from the JPEG headers with a per-sample NumPy generator, then each image
+  decoded by libjpeg-turbo (simplejpeg) to uint8 and its crop resized on uint8; uint8 out (normalised on the
+  device);
 - ``finetune``: the fine-tuning training set (timm RandAugment + random erasing) as ``build_finetune_data`` builds it;
 - ``pil_decode``: PIL decode alone (the reference the new path is held against);
 - ``gpu_decode_cpu_form``: the ``data.decode=gpu`` path (bytes and crop parameters in the worker, then the batched
   decode and the crops of ``DeviceDecoder``) with the device = this CPU.
 
-    python benchmarks/input_pipeline.py [--images 300] [--rounds 5] [--json out.json]
+    python benchmarks/input_pipeline.py [--images 300] [--rounds 9] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fcmae.data import ImageFiles, SeededSamples, build_finetune_transform, build_pretrain_transform  # noqa: E402
-from fcmae.data.decode import collate_samples, read_image_u8, read_jpeg_or_image  # noqa: E402
+from fcmae.config import PretrainDataConfig  # noqa: E402
+from fcmae.data import ImageFiles, SeededSamples, build_finetune_transform, build_pretrain_train_set  # noqa: E402
+from fcmae.data.decode import collate_samples  # noqa: E402
 from fcmae.data.images import load_image  # noqa: E402
-from fcmae.data.transforms import DeferredCropU8, DeviceDecoder  # noqa: E402
-from fcmae.models.registry import mean_std  # noqa: E402
+from fcmae.data.transforms import DeviceDecoder  # noqa: E402
+from fcmae.models.registry import MASK_RATIO, mean_std  # noqa: E402
 
 SIZES = ((500, 375), (400, 500))  # ImageNet's typical landscape and portrait shapes
 # the colour photos that ship inside scikit-image (others need a download)
@@ -75,7 +78,10 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 # --------------------------------------------------------------------------------------------- the old pipeline
 class _BaselineSeeded(SeededSamples):
-    """The previous release's per-sample seeding: the global generators, ``torch.manual_seed`` included."""
+    """The previous release's per-sample seeding: the global generators, ``torch.manual_seed`` included; items
+    fetched one by one (it had no batched fetch)."""
+
+    __getitems__ = None  # the DataLoader (and Subset) then fetch item by item
 
     def _seeded_item(self, index: int, s: int) -> tuple:
         py_state, np_state = random.getstate(), np.random.get_state()
@@ -98,7 +104,13 @@ def _baseline_transform(size: int):
                       T.RandomHorizontalFlip(0.5), T.ToTensor(), T.Normalize(mean, std)])
 
 
-CHUNK = 64  # images per timed piece (two batches of 32)
+CHUNK = 32  # images per timed piece (one batch)
+
+
+def _pretraining_set(paths: list[Path], size: int, decode: str) -> SeededSamples:
+    """The pretraining training set exactly as a run builds it (``build_pretrain_train_set``) over ``paths``."""
+    cfg = PretrainDataConfig(source="folder", path=str(paths[0].parent), input_size=size, decode=decode)
+    return build_pretrain_train_set(cfg, 3, 0, (size // 32, size // 32), MASK_RATIO)
 
 
 def build_paths(paths: list[Path], size: int) -> dict:
@@ -106,11 +118,9 @@ def build_paths(paths: list[Path], size: int) -> dict:
     grid = (size // 32, size // 32)
     before = _BaselineSeeded(ImageFiles(paths, _baseline_transform(size), 3), seed=0, labelled=False,
                              mask_grid=grid)
-    after = SeededSamples(ImageFiles(paths, build_pretrain_transform(size), 3, reader=read_image_u8), seed=0,
-                          labelled=False, mask_grid=grid, seed_globals=False)
+    after = _pretraining_set(paths, size, "cpu")
     finetune = SeededSamples(ImageFiles(paths, build_finetune_transform(size, 3), 3), seed=0, labelled=False)
-    gpu = SeededSamples(ImageFiles(paths, DeferredCropU8(size), 3, reader=read_jpeg_or_image), seed=0,
-                        labelled=False, mask_grid=grid, seed_globals=False)
+    gpu = _pretraining_set(paths, size, "gpu")
     decoder = DeviceDecoder(size, 3)
 
     def batches(ds, idx: list[int]):  # what one worker does: fetch and collate each batch of 32
@@ -149,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)

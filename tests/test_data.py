@@ -34,7 +34,7 @@ from fcmae.data import (
     mean_std,
     read_idx,
 )
-from fcmae.data.decode import is_complete_jpeg, pil_to_u8, read_image_u8
+from fcmae.data.decode import decode_bytes, is_complete_jpeg, pil_to_u8, read_image_u8
 from fcmae.data.images import PathList, scan_or_read_file_list
 from fcmae.data.sampling import SeededSamples
 from fcmae.data.transforms import DeviceNormalize, DeviceRandomErasing, crop_params
@@ -112,9 +112,9 @@ def test_every_mode_decodes_to_model_mode(image_folder: Path, in_chans: int) -> 
 
 
 def test_image_files_shapes(image_folder: Path) -> None:
-    for reader in (None, read_image_u8):
+    for decoder in (None, decode_bytes):
         ds = ImageFiles(find_images(image_folder), build_pretrain_transform(32, (0.5, 1.0), 0.5, 1), in_chans=1,
-                        reader=reader)
+                        decoder=decoder)
         x, n = ds[3]
         assert x.shape == (1, 32, 32) and x.dtype == torch.uint8 and n == 0
 
@@ -144,7 +144,7 @@ def test_fast_decoder_matches_pil_on_every_odd_file(image_folder: Path, in_chans
 def test_fast_decoder_applies_every_exif_and_xmp_orientation_like_pil(tmp_path: Path, in_chans: int) -> None:
     """Orientations 1-8 (EXIF), one given only in XMP, and a broken EXIF block: the fast JPEG path returns the
     image PIL's ``load_image`` shows, and the data.decode=gpu reader hands over only upright files."""
-    from fcmae.data.decode import JpegFile, read_jpeg_or_image
+    from fcmae.data.decode import JpegFile, jpeg_or_image
 
     img = _rgb(5, (40, 24))  # 40 wide, 24 high: non-square, so a wrong transpose changes the shape
     files = []
@@ -165,7 +165,7 @@ def test_fast_decoder_applies_every_exif_and_xmp_orientation_like_pil(tmp_path: 
         ours, pil = read_image_u8(path, in_chans), pil_to_u8(load_image(path, in_chans))
         assert ours.shape == pil.shape == ((in_chans, 40, 24) if o >= 5 else (in_chans, 24, 40)), (path, ours.shape)
         assert (ours.int() - pil.int()).abs().float().mean() <= 0.5, path
-        assert isinstance(read_jpeg_or_image(path, in_chans), JpegFile) == (o == 1), path
+        assert isinstance(jpeg_or_image(path.read_bytes(), in_chans), JpegFile) == (o == 1), path
 
 
 # --------------------------------------------------------------------------------------------- bad files
@@ -196,6 +196,75 @@ def test_bad_file_warns_once_and_is_replaced_by_next(image_folder: Path, caplog:
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert str(corrupt) in messages[0] and str(truncated) in messages[1]
+
+
+def test_batched_fetch_equals_item_by_item_with_bad_and_vanishing_files(image_folder: Path) -> None:
+    """``__getitems__`` (the DataLoader's batched fetch: files read first, then decoded) gives exactly the items of
+    ``ds[i]`` one by one, bad (or vanished) files replaced and counted the same; nothing stays cached after the
+    batch."""
+    corrupt, _ = _add_bad_files(image_folder)
+    paths = find_images(image_folder)
+
+    def make() -> SeededSamples:
+        return SeededSamples(ImageFiles(paths, build_pretrain_transform(32, (0.3, 1.0), 0.5, 3), 3,
+                                        decoder=decode_bytes), seed=3, labelled=False, mask_grid=(2, 2))
+
+    order = [5, 0, len(paths) - 1, paths.index(corrupt), paths.index(corrupt) + 1, 5, -1]
+    one, batch = make(), make()
+    expected = [one[i] for i in order]
+    got = batch.__getitems__(order)
+    assert batch.base._fetched == {}
+    for e, g in zip(expected, got):
+        assert torch.equal(e.image, g.image) and torch.equal(e.target, g.target) and e.skipped == g.skipped
+    assert sum(g.skipped for g in got) == 2  # the corrupt one and the truncated one after it
+    k = paths.index(image_folder / "d_gray.png")
+    paths[k].unlink()  # vanished after the scan: its read error comes out at its decode; the next file replaces it
+    gone = make().__getitems__([k, k + 1])
+    assert [g.skipped for g in gone] == [1, 0] and gone[0].image.shape == (3, 32, 32)
+    with pytest.raises(BadImageError, match=f"cannot read image .*{paths[k].name}: FileNotFoundError"):
+        ImageFiles(paths, None, 3, on_bad_image="error").__getitems__([k])
+    named = f"{corrupt.name}: UnidentifiedImageError: cannot identify image file '{corrupt}'$"  # no BytesIO repr
+    with pytest.raises(BadImageError, match=named):
+        ImageFiles(paths, None, 3, on_bad_image="error").__getitems__([paths.index(corrupt)])
+
+
+def test_a_file_failing_in_the_second_phase_is_skipped_like_one_failing_in_the_first(tmp_path: Path) -> None:
+    """Folder pretraining decodes in two phases (crop drawn from the JPEG header, then ``DecodeCrop``). A file whose
+    header reads but whose decode fails is replaced by the next file and counted, exactly as a file that fails at
+    once: the same items as the one-phase path over a copy where that file is plain garbage; with
+    ``on_bad_image=error`` the error names it."""
+    from fcmae.data.decode import JpegItem, jpeg_or_image
+    from fcmae.data.transforms import DecodeCrop, DeferredCropU8
+
+    folder = _jpeg_folder(tmp_path / "imgs")
+    paths = find_images(folder)
+    bad = paths[5]
+
+    class FailsOn(DecodeCrop):
+        def __call__(self, item: JpegItem) -> torch.Tensor:
+            if item.name == str(bad):
+                raise BadImageError(f"cannot read image {bad}: decoder gave up")
+            return super().__call__(item)
+
+    def two_phase(on_bad: str) -> SeededSamples:
+        return SeededSamples(ImageFiles(paths, DeferredCropU8(32), 3, on_bad, decoder=jpeg_or_image), seed=4,
+                             labelled=False, mask_grid=(2, 2), seed_globals=False, finish=FailsOn(32, 3))
+
+    garbage = tmp_path / "ref"
+    garbage.mkdir()
+    ref_paths = []
+    for p in paths:  # the same files, the bad one replaced by bytes no decoder takes
+        ref_paths.append(garbage / p.name)
+        ref_paths[-1].write_bytes(b"not an image" if p == bad else p.read_bytes())
+    ref = SeededSamples(ImageFiles(ref_paths, build_pretrain_transform(32, in_chans=3), 3, decoder=decode_bytes),
+                        seed=4, labelled=False, mask_grid=(2, 2), seed_globals=False)
+    order = list(range(len(paths)))
+    for got in (two_phase("skip").__getitems__(order), [two_phase("skip")[i] for i in order]):
+        expected = [ref[i] for i in order]
+        assert [g.skipped for g in got] == [e.skipped for e in expected] == [int(i == 5) for i in order]
+        assert all(torch.equal(g.image, e.image) and torch.equal(g.target, e.target) for g, e in zip(got, expected))
+    with pytest.raises(BadImageError, match=f"{bad}: decoder gave up"):
+        two_phase("error").__getitems__(order)
 
 
 def test_bad_file_error_mode_names_the_file(image_folder: Path) -> None:
@@ -385,20 +454,25 @@ def test_device_normalisation_equals_the_float_pipeline(in_chans: int) -> None:
 
 
 def test_pretrain_augmentation_is_a_pure_function_of_seed_epoch_index(image_folder: Path) -> None:
-    """No global RNG involved: any order, any global state, fresh dataset objects (as in workers) give the same
-    crop, flip and mask for (seed, epoch, index); another epoch or seed gives another one."""
+    """The training set as a run builds it (two phases, batched fetch): no global RNG involved; any order, any
+    global state, item by item or in batches, fresh dataset objects (as in workers) give the same crop, flip and
+    mask for (seed, epoch, index); another epoch or seed gives another one."""
+    from fcmae.config import PretrainDataConfig
+    from fcmae.data import build_pretrain_train_set
+
     def make(seed: int) -> SeededSamples:
-        base = ImageFiles(find_images(image_folder), build_pretrain_transform(32, (0.2, 1.0), 0.5, 3), in_chans=3,
-                          reader=read_image_u8)
-        return SeededSamples(base, seed=seed, labelled=False, mask_grid=(2, 2), mask_ratio=0.5,
-                             seed_globals=False)
+        cfg = PretrainDataConfig(source="folder", path=str(image_folder), input_size=32, crop_scale=(0.2, 1.0))
+        return build_pretrain_train_set(cfg, 3, seed, (2, 2), 0.5)
 
     a, b = make(7), make(7)
+    assert a.finish is not None  # the two-phase path is the one under test
     first = [a[i].image for i in range(len(a))]
     torch.manual_seed(123)
     np.random.seed(5)
     again = [b[i].image for i in reversed(range(len(b)))][::-1]
     assert all(torch.equal(x, y) for x, y in zip(first, again))
+    batched = [s.image for s in make(7).__getitems__([4, 0, 2]) + make(7).__getitems__([1, 3])]
+    assert all(torch.equal(x, first[i]) for x, i in zip(batched, [4, 0, 2, 1, 3]))
     assert all(torch.equal(a[i].target, b[i].target) for i in range(len(a)))  # masks too
     b.use_epoch(1)
     assert not all(torch.equal(x, b[i].image) for i, x in enumerate(first))

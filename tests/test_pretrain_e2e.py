@@ -51,8 +51,27 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if r["type"] == "train"}
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+def _jpeg_folder(root: Path, n: int = 32) -> Path:
+    """``n`` small photo-like JPEGs of mixed sizes (and one PNG), for the folder input pipeline."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        h, w = 72 + 8 * (i % 5), 96 - 8 * (i % 3)
+        img = Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h))
+        img.save(root / (f"{i:03d}.png" if i == 5 else f"{i:03d}.jpg"), quality=90)
+    return root
+
+
+@pytest.mark.parametrize("source", ["demo", "folder"])
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, source):
+    """Also over a folder of JPEGs through the full input pipeline (batched fetch, crops from the headers, decode
+    in a DataLoader worker)."""
     common = ["run.batch_size=4", "run.save_every_steps=3", "model.drop_path_rate=0.2", "run.keep_last=3"]
+    if source == "folder":
+        common += ["data.source=folder", f"data.path={_jpeg_folder(tmp_path / 'photos')}", "data.num_workers=1"]
     ref = _pretrain(tmp_path / "ref", *common)
     assert ref.returncode == 0, ref.stderr[-3000:]
 

@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from fcmae.data.decode import read_image_u8, read_jpeg_or_image
+from fcmae.data.decode import decode_bytes, jpeg_or_image
 from fcmae.data.fashion_mnist import DATASET_DEFAULT_FASHION_MNIST, DemoImages, DropLabels, FashionMNIST
 from fcmae.data.images import DataError, ImageFiles, LabeledImageFolder, scan_or_read_file_list
 from fcmae.data.sampling import SeededSamples
 from fcmae.data.transforms import (
+    DecodeCrop,
     DeferredCropU8,
     ResizeCenterCropU8,
     build_eval_transform,
@@ -39,8 +40,10 @@ def pretrain_image_root(cfg: Any) -> Path:
     return root / "train" if cfg.source == "imagenet" and (root / "train").is_dir() else root
 
 
-def build_pretrain_dataset(cfg: Any, in_chans: int) -> Dataset:
+def build_pretrain_dataset(cfg: Any, in_chans: int, deferred: bool = False) -> Dataset:
     """The pretraining set named by ``cfg.source`` (a ``data`` config section); items ``(image (C, S, S), n_skipped)``.
+    With ``deferred`` (or ``data.decode=gpu``) a folder's images come as ``JpegItem`` (bytes and crop), decoded
+    later: by ``DecodeCrop`` in the worker or by ``DeviceDecoder`` on the device.
 
     demo: the embedded Fashion-MNIST subset; folder: every image under ``cfg.path``; imagenet: every image under
     ``cfg.path/train`` (or ``cfg.path`` without a ``train/``), labels ignored; fashion_mnist: the training split in
@@ -52,7 +55,7 @@ def build_pretrain_dataset(cfg: Any, in_chans: int) -> Dataset:
         root = pretrain_image_root(cfg)
         paths = scan_or_read_file_list(root, cfg.file_list)
         # limit the paths (not a Subset) so replacements for bad files come from inside the limit too
-        return _pretrain_files(cfg, in_chans, paths[:limit] if limit else paths)
+        return _pretrain_files(cfg, in_chans, paths[:limit] if limit else paths, deferred)
     if cfg.source == "fashion_mnist":
         ds: Dataset = DropLabels(FashionMNIST(cfg.path or DATASET_DEFAULT_FASHION_MNIST, "train", tf, in_chans))
     elif cfg.source == "demo":
@@ -75,18 +78,22 @@ def build_pretrain_train_set(cfg: Any, in_chans: int, seed: int, mask_grid: tupl
         tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
         return ShardStream(open_shards(cfg.path, cfg.shard_index), tf, in_chans=in_chans, seed=seed,
                            mask_grid=mask_grid, mask_ratio=mask_ratio, buffer=cfg.shuffle_buffer)
+    base = build_pretrain_dataset(cfg, in_chans, deferred=True)
+    # folders with data.decode=cpu: each batch's crops are drawn first, then decoded in the worker (DecodeCrop)
+    finish = DecodeCrop(cfg.input_size, in_chans) if isinstance(base, ImageFiles) and cfg.decode == "cpu" else None
     # our uint8 transforms draw from the per-sample generator: no global seeding needed
-    return SeededSamples(build_pretrain_dataset(cfg, in_chans), seed=seed, labelled=False, mask_grid=mask_grid,
-                         mask_ratio=mask_ratio, seed_globals=False)
+    return SeededSamples(base, seed=seed, labelled=False, mask_grid=mask_grid, mask_ratio=mask_ratio,
+                         seed_globals=False, finish=finish)
 
 
-def _pretrain_files(cfg: Any, in_chans: int, paths: list[Path]) -> ImageFiles:
-    """Folder images for pretraining; ``data.decode=gpu``: JPEG bytes + crop parameters, decoded on the device."""
-    if getattr(cfg, "decode", "cpu") == "gpu":
+def _pretrain_files(cfg: Any, in_chans: int, paths: list[Path], deferred: bool) -> ImageFiles:
+    """Folder images for pretraining: decoded and cropped; ``deferred`` or ``data.decode=gpu``: JPEG bytes + crop
+    parameters (``JpegItem``), decoded later."""
+    if deferred or getattr(cfg, "decode", "cpu") == "gpu":
         tf = DeferredCropU8(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip)
-        return ImageFiles(paths, tf, in_chans, cfg.on_bad_image, reader=read_jpeg_or_image)
+        return ImageFiles(paths, tf, in_chans, cfg.on_bad_image, decoder=jpeg_or_image)
     tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
-    return ImageFiles(paths, tf, in_chans, cfg.on_bad_image, reader=read_image_u8)
+    return ImageFiles(paths, tf, in_chans, cfg.on_bad_image, decoder=decode_bytes)
 
 
 # --------------------------------------------------------------------------------------------- label budget

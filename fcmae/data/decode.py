@@ -2,16 +2,16 @@
 
 Why not PIL for all: measured per core (``benchmarks/input_pipeline.py``), libjpeg-turbo through simplejpeg decodes
 ImageNet-like JPEGs ~1.5x faster than PIL, with the same pixels, and hands back a NumPy array the tensor views
-without a copy. Why simplejpeg rather than ``torchvision.io.decode_jpeg``: the same library and pixels, but ~10 %
+without a copy. Why simplejpeg rather than ``torchvision.io.decode_jpeg``: the same library and pixels, but ~8 %
 faster here, and its ``strict`` mode raises on a damaged file, where torchvision's decoder only warns (catching
-warnings per image cost another ~10 %). The fast path takes only what it decodes exactly like PIL: a complete JPEG
-(SOI ... EOI; a truncated file goes to PIL, which refuses it, so it is skipped as before) in YCbCr or gray; the
-EXIF/XMP orientation is read by PIL from the header when the file has an APP1 segment, and applied to the tensor.
-Any file it refuses, and every other format (CMYK JPEG, PNG, WebP, palette, alpha, 16-bit ...), is decoded by
-``load_image`` (PIL), as before.
+warnings per image made our torchvision wrapper another ~15 % slower). The fast path takes only
+what it decodes exactly like PIL: a complete JPEG (SOI ... EOI; a truncated file goes to PIL, which refuses it, so
+it is skipped as before) in YCbCr or gray; the EXIF/XMP orientation is read by PIL from the header when the file
+has an APP1 segment, and applied to the tensor. Any file it refuses, and every other format (CMYK JPEG, PNG, WebP,
+palette, alpha, 16-bit ...), is decoded by ``load_image`` (PIL), as before.
 
 ``decode_jpeg_batch`` decodes a list of JPEG byte strings at once on any device: on CUDA that is nvJPEG (the
-``data.decode=gpu`` option, whose worker side is ``read_jpeg_or_image`` and ``JpegItem``/``JpegBatch``); on CPU
+``data.decode=gpu`` option, whose worker side is ``jpeg_or_image`` and ``JpegItem``/``JpegBatch``); on CPU
 the same function is the fallback, and what the tests exercise.
 """
 
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fcmae.data.images import BadImageError, check_in_chans, load_image
+from fcmae.data.images import check_in_chans, decode_pil, read_file
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 
@@ -134,20 +134,11 @@ def decode_jpeg_bytes(data: bytes, in_chans: int) -> Tensor | None:
     return upright(torch.from_numpy(a).permute(2, 0, 1), head.orientation)
 
 
-def read_file(path: str | Path) -> bytes:
-    """A file's bytes; :class:`BadImageError` naming the file if it cannot be read."""
-    p = Path(path)
-    try:
-        return p.read_bytes()
-    except OSError as exc:
-        raise BadImageError(f"cannot read image {p}: {type(exc).__name__}: {exc}") from exc
-
-
 def decode_bytes(data: bytes, in_chans: int, name: str = "image bytes") -> Tensor:
     """An encoded image -> ``(in_chans, H, W)`` uint8: libjpeg-turbo for a complete JPEG, else PIL (``load_image``:
     every format, EXIF orientation, odd modes); :class:`BadImageError` naming ``name`` if neither can."""
     x = decode_jpeg_bytes(data, in_chans)
-    return x if x is not None else pil_to_u8(load_image(io.BytesIO(data), in_chans, name=name))
+    return x if x is not None else pil_to_u8(decode_pil(data, in_chans, name))
 
 
 def read_image_u8(path: str | Path, in_chans: int = 3) -> Tensor:
@@ -177,21 +168,25 @@ def decode_jpeg_batch(datas: Sequence[bytes], in_chans: int = 3, device: torch.d
 
 # --------------------------------------------------------------------------------------------- data.decode=gpu
 class JpegFile(NamedTuple):
-    """A complete JPEG's bytes and its decoded (EXIF-upright) size, read from the header alone."""
+    """A complete JPEG's bytes and its decoded (EXIF-upright) size, read from the header alone; ``name``: the
+    file, for error messages."""
 
     data: bytes
     height: int
     width: int
+    name: str = "image bytes"
 
 
 class JpegItem:
-    """One image for device decoding: the file's JPEG bytes and its crop ``(top, left, h, w, flip)`` in the
-    decoded (EXIF-upright) image; or, for a file the device decoder cannot take, the finished ``ready`` crop."""
+    """One image to decode later (``DecodeCrop`` in the worker, or ``DeviceDecoder`` on the device): the file's
+    JPEG bytes, its crop ``(top, left, h, w, flip)`` in the decoded (EXIF-upright) image and its ``name``; or, for
+    a file the fast path cannot take, the finished ``ready`` crop."""
 
-    __slots__ = ("data", "box", "ready")
+    __slots__ = ("data", "box", "ready", "name")
 
-    def __init__(self, data: bytes | None, box: tuple[int, int, int, int, int], ready: Tensor | None = None) -> None:
-        self.data, self.box, self.ready = data, box, ready
+    def __init__(self, data: bytes | None, box: tuple[int, int, int, int, int], ready: Tensor | None = None,
+                 name: str = "image bytes") -> None:
+        self.data, self.box, self.ready, self.name = data, box, ready, name
 
 
 class JpegBatch:
@@ -212,15 +207,14 @@ class JpegBatch:
         return self
 
 
-def read_jpeg_or_image(path: str | Path, in_chans: int = 3) -> JpegFile | Tensor:
-    """``data.decode=gpu`` reader: a JPEG the fast path takes, stored upright, as a ``JpegFile`` (decoded later, on
-    the device); else (another format, an odd or EXIF-rotated JPEG) the decoded ``(in_chans, H, W)`` uint8 image;
-    :class:`BadImageError` naming the file if unreadable."""
-    data = read_file(path)
+def jpeg_or_image(data: bytes, in_chans: int = 3, name: str = "image bytes") -> JpegFile | Tensor:
+    """``data.decode=gpu`` decoder (of a file's bytes): a JPEG the fast path takes, stored upright, as a
+    ``JpegFile`` (decoded later, on the device); else (another format, an odd or EXIF-rotated JPEG) the decoded
+    ``(in_chans, H, W)`` uint8 image; :class:`BadImageError` naming ``name`` if it cannot be decoded."""
     head = jpeg_header(data)
     if head is not None and head.orientation == 1:
-        return JpegFile(data, head.height, head.width)
-    return decode_bytes(data, in_chans, name=str(path))
+        return JpegFile(data, head.height, head.width, name)
+    return decode_bytes(data, in_chans, name=name)
 
 
 def collate_samples(batch: list) -> object:

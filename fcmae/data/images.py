@@ -7,6 +7,7 @@ when the requested file was unreadable and another one was returned in its place
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", "
 
 OnBadImage = Literal["skip", "error"]
 Transform = Callable[[Image.Image], Any]
+# (file bytes, in_chans, name for errors) -> the decoded image
+Decoder = Callable[[bytes, int, str], Any]
 
 
 class DataError(ValueError):
@@ -107,6 +110,31 @@ def load_image(path: str | Path | BinaryIO, in_chans: int = 3, name: str | None 
             return to_model_mode(img, in_chans)
     except Exception as exc:  # PIL plugins raise OSError, SyntaxError, ValueError, struct.error ...
         raise BadImageError(f"cannot read image {name or path}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_file(path: str | Path) -> bytes:
+    """A file's bytes; :class:`BadImageError` naming the file if it cannot be read."""
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise BadImageError(f"cannot read image {p}: {type(exc).__name__}: {exc}") from exc
+
+
+class _NamedBytes(io.BytesIO):
+    """In-memory file bytes that PIL's error messages name by their file, not as ``<_io.BytesIO object at 0x..>``."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self._name = name
+
+    def __repr__(self) -> str:
+        return repr(self._name)
+
+
+def decode_pil(data: bytes, in_chans: int = 3, name: str = "image bytes") -> Image.Image:
+    """An encoded image's bytes -> ``load_image`` (PIL, mode ``L``/``RGB``); ``ImageFiles``' default decoder."""
+    return load_image(_NamedBytes(data, name), in_chans, name=name)
 
 
 def class_folders(root: Path) -> list[str]:
@@ -208,7 +236,7 @@ class ImageFiles(Dataset):
     """
 
     def __init__(self, paths: Sequence[str | Path], transform: Transform | None = None, in_chans: int = 3,
-                 on_bad_image: OnBadImage = "skip", reader: Callable[[Path, int], Any] | None = None) -> None:
+                 on_bad_image: OnBadImage = "skip", decoder: Decoder | None = None) -> None:
         if on_bad_image not in ("skip", "error"):
             raise ValueError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
         self.paths = PathList(paths)
@@ -217,13 +245,54 @@ class ImageFiles(Dataset):
         self.transform = transform
         self.in_chans = check_in_chans(in_chans)
         self.on_bad_image = on_bad_image
-        # how a file is decoded: load_image (a PIL image, for PIL-based transforms such as timm's) by default, or
-        # fcmae.data.decode.read_image_u8 (a uint8 tensor through the fast JPEG path) for our uint8 transforms
-        self.reader = reader or load_image
+        # how a file's bytes are decoded: decode_pil (a PIL image, for PIL-based transforms such as timm's) by
+        # default, or fcmae.data.decode.decode_bytes (a uint8 tensor through the fast JPEG path) for our uint8 ones
+        self.decoder = decoder or decode_pil
         self._bad: set[int] = set()  # indices found unreadable in this process: not decoded (or logged) again
+        self._fetched: dict[int, bytes | BadImageError] = {}  # the current batch's files (fetch)
+        self.last_used = -1
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def fetch(self, indices: Sequence[int]) -> None:
+        """Read the files of a batch's ``indices`` now (forgetting any fetched before), so that decoding them does
+        not alternate with reading files: measured per core (``benchmarks/input_pipeline.py``), reading each file
+        just before decoding it made the pretraining path ~8 % slower here (the decoder then runs after a system
+        call, with colder caches and branch predictors). ``fetch([])`` frees them."""
+        n = len(self.paths)
+        self._fetched = {}
+        for i in indices:
+            if -n <= i < n and i % n not in self._bad:
+                try:
+                    self._fetched[i % n] = read_file(self.paths[i % n])
+                except BadImageError as exc:  # raised when the item is decoded, as without fetching
+                    self._fetched[i % n] = exc
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A batch, as the DataLoader fetches one: the files are read first (``fetch``), then decoded one by one."""
+        self.fetch(indices)
+        try:
+            return [self[i] for i in indices]
+        finally:
+            self._fetched = {}
+
+    def _decode(self, j: int) -> Any:
+        """File ``j`` decoded by ``self.decoder`` (its fetched bytes if any); :class:`BadImageError` if unreadable."""
+        data = self._fetched.pop(j, None)
+        if isinstance(data, BadImageError):
+            raise data
+        path = self.paths[j]
+        return self.decoder(read_file(path) if data is None else data, self.in_chans, str(path))
+
+    def reject(self, j: int, exc: BadImageError) -> None:
+        """File ``j`` is unreadable (``exc``, naming it): raise with ``on_bad_image="error"``, else log it once and
+        never use it again in this process (the next index replaces it). Also called by ``SeededSamples`` when a
+        file fails in its second phase (``finish``: the decode that follows the batch's first pass)."""
+        if self.on_bad_image == "error":
+            raise exc
+        self._bad.add(j)
+        logger.warning("skipping unreadable image (data.on_bad_image=skip): %s", exc)
 
     def _load(self, index: int) -> tuple[Any, int]:
         """The image at ``index`` or its replacement: ``(PIL image or uint8 tensor, index actually used)``."""
@@ -236,16 +305,14 @@ class ImageFiles(Dataset):
             if j in self._bad:
                 continue
             try:
-                return self.reader(self.paths[j], self.in_chans), j
+                return self._decode(j), j
             except BadImageError as exc:
-                if self.on_bad_image == "error":
-                    raise
-                self._bad.add(j)
-                logger.warning("skipping unreadable image (data.on_bad_image=skip): %s", exc)
+                self.reject(j, exc)
         raise DataError(f"all {n} image files are unreadable (first: {self.paths[0]}, last: {self.paths[-1]})")
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img, used = self._load(index)
+        self.last_used = used  # the file behind the last item (what ``reject`` takes)
         x = self.transform(img) if self.transform is not None else img
         return x, int(used != index % len(self.paths))
 
@@ -286,6 +353,7 @@ class LabeledImageFolder(ImageFiles):
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:  # type: ignore[override]
         img, used = self._load(index)
+        self.last_used = used
         x = self.transform(img) if self.transform is not None else img
         return x, int(self.targets[used]), int(used != index % len(self.paths))
 

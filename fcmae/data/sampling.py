@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from fcmae.data.images import BadImageError
 from fcmae.models.masking import MASK_RATIO, random_masking
 
 # the generator of the sample being produced (set by SeededSamples around base[...]); DataLoader workers are
@@ -117,7 +118,7 @@ class SeededSamples(Dataset):
 
     def __init__(self, base: Dataset, indices: Sequence[int] | None = None, seed: int | None = None,
                  labelled: bool = True, mask_grid: tuple[int, int] | None = None, mask_ratio: float = MASK_RATIO,
-                 seed_globals: bool = True) -> None:
+                 seed_globals: bool = True, finish: Callable[[Any], Tensor] | None = None) -> None:
         self.base = base
         self.indices = list(indices) if indices is not None else list(range(len(base)))  # type: ignore[arg-type]
         self.seed = seed
@@ -125,6 +126,7 @@ class SeededSamples(Dataset):
         self.mask_grid = mask_grid
         self.mask_ratio = mask_ratio
         self.seed_globals = seed_globals
+        self.finish = finish
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -138,18 +140,49 @@ class SeededSamples(Dataset):
         with seeded(s, self.seed_globals):
             return self.base[self.indices[index]]
 
+    def __getitems__(self, indices: list[int]) -> list[Sample]:
+        """A batch, as the DataLoader fetches one; the same items as ``[self[i] for i in indices]``. A base that can
+        (``ImageFiles.fetch``) reads the batch's files first; with ``finish``, every item's first phase runs before
+        any is finished (``fcmae.data.transforms.DecodeCrop`` says why)."""
+        fetch = getattr(self.base, "fetch", None)
+        if fetch is not None:
+            fetch([self.indices[i] for i in indices])
+        try:
+            firsts = [self._first_phase(i) for i in indices]
+        finally:
+            if fetch is not None:
+                fetch([])
+        return [self._finished(i, *first) for i, first in zip(indices, firsts)]
+
     def __getitem__(self, index: int) -> Sample:
+        return self._finished(index, *self._first_phase(index))
+
+    def _first_phase(self, index: int) -> tuple[Sample, int]:
+        """Item ``index`` up to ``finish`` (seeded), and the base's file behind it (``last_used``, where known)."""
         s = sample_seed(self.seed, self.epoch, index) if self.seed is not None else None
         item = self.base[self.indices[index]] if s is None else self._seeded_item(index, s)
+        used = getattr(self.base, "last_used", -1)
         if self.labelled:
             label, skipped = int(item[1]), int(item[2]) if len(item) > 2 else 0
         else:
             label, skipped = -1, int(item[1]) if len(item) > 1 else 0
         if self.mask_grid is None:
-            return Sample(item[0], label, skipped)
+            return Sample(item[0], label, skipped), used
         g = torch.Generator().manual_seed((s if s is not None else index) ^ 0x5DEECE66D)
         mask = random_masking(1, self.mask_grid, self.mask_ratio, generator=g)[0]
-        return Sample(item[0], mask, skipped)
+        return Sample(item[0], mask, skipped), used
+
+    def _finished(self, index: int, sample: Sample, used: int) -> Sample:
+        """``sample`` with ``finish`` applied to its image. A file that fails there goes to the base's ``reject``
+        (logged and replaced by the next file, or raised, as a file that fails to decode in the first phase) and
+        the item is made again (its seeds unchanged), so the skip rules hold whichever phase finds a bad file."""
+        while self.finish is not None:
+            try:
+                return sample._replace(image=self.finish(sample.image))
+            except BadImageError as exc:
+                self.base.reject(used, exc)
+                sample, used = self._first_phase(index)
+        return sample
 
 
 # 1 while a trainer's loop runs in the main process; shared with the DataLoader workers it forks (see

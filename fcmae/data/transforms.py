@@ -13,14 +13,14 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
-from fcmae.data.decode import JpegBatch, JpegFile, JpegItem, decode_jpeg_batch, pil_to_u8
+from fcmae.data.decode import JpegBatch, JpegFile, JpegItem, decode_bytes, decode_jpeg_batch, pil_to_u8
 from fcmae.data.images import check_in_chans
 from fcmae.data.sampling import sample_generator
 from fcmae.models.registry import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from fcmae.models.registry import mean_std as default_mean_std
 
 __all__ = ["GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DeferredCropU8", "DeviceDecoder",
-           "DeviceNormalize", "DeviceRandomErasing", "RandomResizedCropU8", "ResizeCenterCropU8",
+           "DecodeCrop", "DeviceNormalize", "DeviceRandomErasing", "RandomResizedCropU8", "ResizeCenterCropU8",
            "build_eval_transform", "build_finetune_transform", "build_pretrain_transform", "crop_params",
            "eval_resize", "mean_std", "resized_crop_u8"]
 
@@ -128,12 +128,30 @@ class DeviceNormalize:
 class DeferredCropU8(RandomResizedCropU8):
     """``data.decode=gpu``: the same random crop and flip as ``RandomResizedCropU8``, drawn in the worker from the
     JPEG's header size, applied on the device after decoding (``DeviceDecoder``). Input: what
-    ``read_jpeg_or_image`` returns; an image it had to decode already is cropped here instead."""
+    ``jpeg_or_image`` returns; an image it had to decode already is cropped here instead."""
 
     def __call__(self, img: Any) -> JpegItem:
         if isinstance(img, JpegFile):
-            return JpegItem(img.data, self.draw(img.height, img.width))
+            return JpegItem(img.data, self.draw(img.height, img.width), name=img.name)
         return JpegItem(None, (0, 0, 0, 0, 0), super().__call__(img))
+
+
+class DecodeCrop:
+    """The CPU path's second phase (``SeededSamples(finish=...)``): a ``JpegItem`` -> its crop ``(in_chans, S, S)``
+    uint8 (``decode_bytes``, then ``resized_crop_u8``: the pixels of ``RandomResizedCropU8`` on the same draw); a
+    ready item as it is; :class:`BadImageError` naming the file if it cannot be decoded.
+
+    Why two phases: decoding the batch's images back to back, after the Python bookkeeping of all its items (crop
+    draws, masks), measured 7-14 % faster per core than interleaving them (``benchmarks/input_pipeline.py``):
+    the decoder and the interpreter each keep their caches warm."""
+
+    def __init__(self, size: int, in_chans: int) -> None:
+        self.size, self.in_chans = size, in_chans
+
+    def __call__(self, item: JpegItem) -> Tensor:
+        if item.ready is not None:
+            return item.ready
+        return resized_crop_u8(decode_bytes(item.data, self.in_chans, item.name), item.box, self.size)
 
 
 class DeviceDecoder:
