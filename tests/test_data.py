@@ -565,6 +565,24 @@ def test_gpu_decode_path_on_cpu_equals_the_cpu_path(tmp_path: Path, in_chans: in
     assert decoder(batches["cpu"][0].image, "cpu") is batches["cpu"][0].image  # tensors pass through
 
 
+def test_device_decoder_turns_an_undecodable_jpeg_into_gray_and_names_it(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """data.decode=gpu: a file whose header passed in the worker but that no decoder takes does not end the run;
+    the other images of the batch are the ones ``DecodeCrop`` gives."""
+    from fcmae.data.decode import JpegBatch, JpegItem
+    from fcmae.data.transforms import DecodeCrop, DeviceDecoder
+
+    good = [_jpeg_bytes(k) for k in range(2)]
+    items = [JpegItem(good[0], (0, 0, 40, 40, 0), name="a.jpg"),
+             JpegItem(b"\xff\xd8 not really a jpeg \xff\xd9", (0, 0, 8, 8, 1), name="broken.jpg"),
+             JpegItem(good[1], (4, 2, 30, 20, 1), name="b.jpg")]
+    with caplog.at_level(logging.WARNING, logger="fcmae.data"):
+        out = DeviceDecoder(16, 3)(JpegBatch(items), "cpu")
+    assert out.shape == (3, 3, 16, 16) and out.dtype == torch.uint8
+    assert torch.equal(out[0], DecodeCrop(16, 3)(items[0])) and torch.equal(out[2], DecodeCrop(16, 3)(items[2]))
+    assert bool((out[1] == 128).all()) and any("broken.jpg" in r.getMessage() for r in caplog.records)
+
+
 def test_pretraining_with_gpu_decode_on_cpu_trains_on_the_same_batches(tmp_path: Path) -> None:
     """The whole trainer with data.decode=gpu on a CPU-only machine (the device decoder runs on the CPU): the
     same losses as data.decode=cpu, step for step."""

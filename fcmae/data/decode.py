@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fcmae.data.images import check_in_chans, decode_pil, read_file
+from fcmae.data.images import BadImageError, check_in_chans, decode_pil, read_file
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 
@@ -148,22 +148,31 @@ def read_image_u8(path: str | Path, in_chans: int = 3) -> Tensor:
 
 
 def decode_jpeg_batch(datas: Sequence[bytes], in_chans: int = 3, device: torch.device | str = "cpu"
-                      ) -> list[Tensor]:
+                      ) -> list[Tensor | None]:
     """Decode JPEG byte strings on ``device`` (nvJPEG on CUDA, in one batched call) -> ``(in_chans, H_i, W_i)``
     uint8 tensors there. When the batched decoder refuses one, each is decoded alone on the CPU (``decode_bytes``:
-    PIL if need be) and moved to ``device``, so one odd file does not fail the batch."""
+    PIL if need be) and moved to ``device``, so one odd file does not fail the batch; None for one that no decoder
+    takes."""
     from torchvision.io import decode_jpeg
 
     bufs = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # see decode_jpeg_bytes
+            # torchvision 0.29 deprecates its decoders in favour of TorchCodec (not a dependency here)
+            warnings.simplefilter("ignore", DeprecationWarning)
             out = decode_jpeg(bufs, mode=_jpeg_mode(in_chans), device=device, apply_exif_orientation=True)
         if all(x.shape[0] == in_chans for x in out):
             return list(out)
     except Exception:
         pass
-    return [decode_bytes(d, in_chans).to(device) for d in datas]
+    return [_decode_or_none(d, in_chans, device) for d in datas]
+
+
+def _decode_or_none(data: bytes, in_chans: int, device: torch.device | str) -> Tensor | None:
+    try:
+        return decode_bytes(data, in_chans).to(device)
+    except BadImageError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------- data.decode=gpu

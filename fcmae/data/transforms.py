@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,8 @@ from fcmae.data.images import check_in_chans
 from fcmae.data.sampling import sample_generator
 from fcmae.models.registry import GRAY_MEAN, GRAY_STD, IMAGENET_MEAN, IMAGENET_STD
 from fcmae.models.registry import mean_std as default_mean_std
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD", "DeferredCropU8", "DeviceDecoder",
            "DecodeCrop", "DeviceNormalize", "DeviceRandomErasing", "RandomResizedCropU8", "ResizeCenterCropU8",
@@ -157,7 +160,11 @@ class DecodeCrop:
 class DeviceDecoder:
     """``JpegBatch`` -> ``(N, in_chans, S, S)`` uint8 on ``device``: one batched ``decode_jpeg_batch`` (nvJPEG on
     CUDA), then each image's crop (``resized_crop_u8``) there; ready items are moved as they are. A tensor batch
-    (the CPU path) passes through unchanged."""
+    (the CPU path) passes through unchanged.
+
+    A file whose header read but which no decoder takes is found only here, in the main process, too late to be
+    replaced by the next file as the workers do: it becomes a flat mid-gray image (a near-zero loss) and a warning
+    naming it, instead of ending the run."""
 
     def __init__(self, size: int, in_chans: int) -> None:
         self.size, self.in_chans = size, in_chans
@@ -167,8 +174,14 @@ class DeviceDecoder:
             return batch
         todo = [it for it in batch.items if it.ready is None]
         decoded = iter(decode_jpeg_batch([it.data for it in todo], self.in_chans, device))
-        return torch.stack([it.ready.to(device) if it.ready is not None else
-                            resized_crop_u8(next(decoded), it.box, self.size) for it in batch.items])
+        return torch.stack([it.ready.to(device) if it.ready is not None else self._crop(next(decoded), it, device)
+                            for it in batch.items])
+
+    def _crop(self, x: Tensor | None, item: JpegItem, device: torch.device | str) -> Tensor:
+        if x is not None:
+            return resized_crop_u8(x, item.box, self.size)
+        logger.warning("unreadable image replaced by a gray one (data.decode=gpu): %s", item.name)
+        return torch.full((self.in_chans, self.size, self.size), 128, dtype=torch.uint8, device=device)
 
 
 def build_pretrain_transform(input_size: int = 224, crop_scale: tuple[float, float] = (0.2, 1.0),
