@@ -15,6 +15,7 @@ images over several rounds (each piece's fastest round kept; see ``measure``):
   device);
 - ``finetune``: the fine-tuning training set (timm RandAugment + random erasing) as ``build_finetune_data`` builds it;
 - ``pil_decode``: PIL decode alone (the reference the new path is held against);
+- ``shards``: the same images from WebDataset shards (``data.source=webdataset``), as a run streams them;
 - ``gpu_decode_cpu_form``: the ``data.decode=gpu`` path (bytes and crop parameters in the worker, then the batched
   decode and the crops of ``DeviceDecoder``) with the device = this CPU.
 
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +45,7 @@ from fcmae.config import PretrainDataConfig  # noqa: E402
 from fcmae.data import ImageFiles, SeededSamples, build_finetune_transform, build_pretrain_train_set  # noqa: E402
 from fcmae.data.decode import collate_samples  # noqa: E402
 from fcmae.data.images import load_image  # noqa: E402
+from fcmae.data.shards import INDEX_NAME, write_shards  # noqa: E402
 from fcmae.data.transforms import DeviceDecoder  # noqa: E402
 from fcmae.models.registry import MASK_RATIO, mean_std  # noqa: E402
 
@@ -137,22 +140,38 @@ def build_paths(paths: list[Path], size: int) -> dict:
             "pil_decode": lambda idx: [load_image(paths[i], 3) for i in idx], "gpu_decode_cpu_form": gpu_form}
 
 
-def measure(paths: list[Path], size: int, rounds: int) -> dict[str, float]:
+def shard_stream(paths: list[Path], size: int, out: Path) -> Any:
+    """The same images written by ``fcmae shard``'s writer (32 per shard) and read as a pretraining run reads
+    shards (``build_pretrain_train_set`` with ``data.source=webdataset``, shuffle buffer included)."""
+    index = write_shards(paths[0].parent, out, max_count=CHUNK, progress=False)
+    (out / INDEX_NAME).write_text(json.dumps(index))
+    ds = build_pretrain_train_set(PretrainDataConfig(source="webdataset", path=str(out), input_size=size), 3, 0,
+                                  (size // 32, size // 32), MASK_RATIO)
+    ds.configure(0, 1, 32, 1)
+    return ds
+
+
+def measure(paths: list[Path], size: int, rounds: int, shards: Any) -> dict[str, float]:
     """Images/s of each path: the images are timed in pieces of ``CHUNK``, every path in turn on the same piece,
     ``rounds`` times over; a piece's time is its fastest round (the one least disturbed by other work on the
-    host, which stretches single runs by 10-30 % here), and a path's rate is the image count over the sum."""
+    host, which stretches single runs by 10-30 % here), and a path's rate is the image count over the sum. A shard
+    stream cannot be cut into pieces by index: it is timed in whole passes, one per round (fastest kept)."""
     fns = build_paths(paths, size)
     pieces = [list(range(i, min(i + CHUNK, len(paths)))) for i in range(0, len(paths), CHUNK)]
     for fn in fns.values():  # warm-up: page cache, lazy imports
         fn(list(range(len(paths))))
     best = {name: [float("inf")] * len(pieces) for name in fns}
+    stream = float("inf")
     for _ in range(rounds):
         for k, idx in enumerate(pieces):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn(idx)
                 best[name][k] = min(best[name][k], time.perf_counter() - t0)
-    return {name: len(paths) / sum(times) for name, times in best.items()}
+        t0 = time.perf_counter()
+        list(DataLoader(shards, batch_size=32, num_workers=0))
+        stream = min(stream, time.perf_counter() - t0)
+    return {**{name: len(paths) / sum(times) for name, times in best.items()}, "shards": len(shards) / stream}
 
 
 def main() -> None:
@@ -164,9 +183,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_images(Path(tmp), args.images)
+        (Path(tmp) / "images").mkdir()
+        paths = make_images(Path(tmp) / "images", args.images)
         kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
-        res = measure(paths, args.size, args.rounds)
+        res = measure(paths, args.size, args.rounds, shard_stream(paths, args.size, Path(tmp) / "shards"))
     load = os.getloadavg()[0]
     print(f"{args.images} JPEGs (mean {kb:.0f} KB), {args.size} px, 1 thread, num_workers=0, pieces of {CHUNK} "
           f"images timed {args.rounds}x (fastest kept), load average {load:.1f}")
