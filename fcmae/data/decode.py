@@ -119,25 +119,29 @@ def upright(x: Tensor, orientation: int) -> Tensor:
     return x.flip(dims) if dims else x
 
 
-def decode_jpeg_bytes(data: bytes, in_chans: int) -> Tensor | None:
+def decode_jpeg_bytes(data: bytes, in_chans: int, orientation: int | None = None) -> Tensor | None:
     """libjpeg-turbo decode of a complete YCbCr/gray JPEG -> ``(in_chans, H, W)`` uint8 (upright; a view of the
-    channels-last array, the layout torch's uint8 resize kernels read), or None when it should go to PIL."""
+    channels-last array, the layout torch's uint8 resize kernels read), or None when it should go to PIL.
+    ``orientation``: given when ``jpeg_header`` already accepted these bytes (its header is not read again)."""
     import simplejpeg
 
-    head = jpeg_header(data)
-    if head is None:
-        return None
+    if orientation is None:
+        head = jpeg_header(data)
+        if head is None:
+            return None
+        orientation = head.orientation
     try:  # strict: a recoverable libjpeg error (damaged data) raises, so PIL decides
         a = simplejpeg.decode_jpeg(data, "GRAY" if check_in_chans(in_chans) == 1 else "RGB", strict=True)
     except Exception:  # 12-bit, arithmetic-coded, damaged: PIL's turn
         return None
-    return upright(torch.from_numpy(a).permute(2, 0, 1), head.orientation)
+    return upright(torch.from_numpy(a).permute(2, 0, 1), orientation)
 
 
-def decode_bytes(data: bytes, in_chans: int, name: str = "image bytes") -> Tensor:
+def decode_bytes(data: bytes, in_chans: int, name: str = "image bytes", orientation: int | None = None) -> Tensor:
     """An encoded image -> ``(in_chans, H, W)`` uint8: libjpeg-turbo for a complete JPEG, else PIL (``load_image``:
-    every format, EXIF orientation, odd modes); :class:`BadImageError` naming ``name`` if neither can."""
-    x = decode_jpeg_bytes(data, in_chans)
+    every format, EXIF orientation, odd modes); :class:`BadImageError` naming ``name`` if neither can.
+    ``orientation``: see ``decode_jpeg_bytes``."""
+    x = decode_jpeg_bytes(data, in_chans, orientation)
     return x if x is not None else pil_to_u8(decode_pil(data, in_chans, name))
 
 

@@ -154,7 +154,9 @@ class DecodeCrop:
     def __call__(self, item: JpegItem) -> Tensor:
         if item.ready is not None:
             return item.ready
-        return resized_crop_u8(decode_bytes(item.data, self.in_chans, item.name), item.box, self.size)
+        # the worker's jpeg_or_image read the header and made a JpegItem only of an upright JPEG (orientation 1)
+        x = decode_bytes(item.data, self.in_chans, item.name, orientation=1)
+        return resized_crop_u8(x, item.box, self.size)
 
 
 class DeviceDecoder:
