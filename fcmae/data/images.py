@@ -7,10 +7,11 @@ when the requested file was unreadable and another one was returned in its place
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -255,11 +256,12 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def fetch(self, indices: Sequence[int]) -> None:
-        """Read the files of a batch's ``indices`` now (forgetting any fetched before), so that decoding them does
-        not alternate with reading files: measured per core (``benchmarks/input_pipeline.py``), reading each file
-        just before decoding it made the pretraining path ~8 % slower here (the decoder then runs after a system
-        call, with colder caches and branch predictors). ``fetch([])`` frees them."""
+    @contextlib.contextmanager
+    def fetch(self, indices: Sequence[int]) -> Iterator[None]:
+        """Within: the files of a batch's ``indices`` are read already, so that decoding them does not alternate
+        with reading files: measured per core (``benchmarks/input_pipeline.py``), reading each file just before
+        decoding it made the pretraining path ~8 % slower here (the decoder then runs after a system call, with
+        colder caches and branch predictors). The bytes not used within are dropped on the way out."""
         n = len(self.paths)
         self._fetched = {}
         for i in indices:
@@ -268,14 +270,15 @@ class ImageFiles(Dataset):
                     self._fetched[i % n] = read_file(self.paths[i % n])
                 except BadImageError as exc:  # raised when the item is decoded, as without fetching
                     self._fetched[i % n] = exc
+        try:
+            yield
+        finally:
+            self._fetched = {}
 
     def __getitems__(self, indices: list[int]) -> list:
         """A batch, as the DataLoader fetches one: the files are read first (``fetch``), then decoded one by one."""
-        self.fetch(indices)
-        try:
+        with self.fetch(indices):
             return [self[i] for i in indices]
-        finally:
-            self._fetched = {}
 
     def _decode(self, j: int) -> Any:
         """File ``j`` decoded by ``self.decoder`` (its fetched bytes if any); :class:`BadImageError` if unreadable."""
@@ -305,14 +308,16 @@ class ImageFiles(Dataset):
             if j in self._bad:
                 continue
             try:
-                return self._decode(j), j
+                img = self._decode(j)
             except BadImageError as exc:
                 self.reject(j, exc)
+                continue
+            self.last_used = j  # the file behind the last item (what ``reject`` takes)
+            return img, j
         raise DataError(f"all {n} image files are unreadable (first: {self.paths[0]}, last: {self.paths[-1]})")
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img, used = self._load(index)
-        self.last_used = used  # the file behind the last item (what ``reject`` takes)
         x = self.transform(img) if self.transform is not None else img
         return x, int(used != index % len(self.paths))
 
@@ -353,7 +358,6 @@ class LabeledImageFolder(ImageFiles):
 
     def __getitem__(self, index: int) -> tuple[Any, int, int]:  # type: ignore[override]
         img, used = self._load(index)
-        self.last_used = used
         x = self.transform(img) if self.transform is not None else img
         return x, int(self.targets[used]), int(used != index % len(self.paths))
 

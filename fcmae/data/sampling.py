@@ -76,6 +76,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return x & (2**63 - 1)
 
 
+def sample_mask(s: int, grid: tuple[int, int], ratio: float) -> Tensor:
+    """The mask ``(h*w,)`` bool (True = removed) of the sample whose seed is ``s`` (its own generator, derived from
+    ``s``: the same mask wherever and whenever the sample is made)."""
+    g = torch.Generator().manual_seed(s ^ 0x5DEECE66D)
+    return random_masking(1, grid, ratio, generator=g)[0]
+
+
 class EpochSampler(Sampler[int]):
     """A random permutation per epoch, seeded by ``(seed, epoch)``; ``use_epoch`` picks the epoch.
 
@@ -145,13 +152,8 @@ class SeededSamples(Dataset):
         (``ImageFiles.fetch``) reads the batch's files first; with ``finish``, every item's first phase runs before
         any is finished (``fcmae.data.transforms.DecodeCrop`` says why)."""
         fetch = getattr(self.base, "fetch", None)
-        if fetch is not None:
-            fetch([self.indices[i] for i in indices])
-        try:
+        with fetch([self.indices[i] for i in indices]) if fetch is not None else contextlib.nullcontext():
             firsts = [self._first_phase(i) for i in indices]
-        finally:
-            if fetch is not None:
-                fetch([])
         return [self._finished(i, *first) for i, first in zip(indices, firsts)]
 
     def __getitem__(self, index: int) -> Sample:
@@ -168,8 +170,7 @@ class SeededSamples(Dataset):
             label, skipped = -1, int(item[1]) if len(item) > 1 else 0
         if self.mask_grid is None:
             return Sample(item[0], label, skipped), used
-        g = torch.Generator().manual_seed((s if s is not None else index) ^ 0x5DEECE66D)
-        mask = random_masking(1, self.mask_grid, self.mask_ratio, generator=g)[0]
+        mask = sample_mask(s if s is not None else index, self.mask_grid, self.mask_ratio)
         return Sample(item[0], mask, skipped), used
 
     def _finished(self, index: int, sample: Sample, used: int) -> Sample:

@@ -35,8 +35,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fcmae.data.decode import decode_bytes
 from fcmae.data.images import DataError, class_folders, find_images
-from fcmae.data.sampling import Sample, sample_seed, seeded
-from fcmae.models.masking import MASK_RATIO, random_masking
+from fcmae.data.sampling import Sample, sample_mask, sample_seed, seeded
+from fcmae.models.masking import MASK_RATIO
 
 INDEX_NAME = "index.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -254,7 +254,6 @@ class ShardStream(IterableDataset):
         elif self.mask_grid is None:
             target = -1
         else:
-            g = torch.Generator().manual_seed(s_seed ^ 0x5DEECE66D)
-            target = random_masking(1, self.mask_grid, self.mask_ratio, generator=g)[0]
+            target = sample_mask(s_seed, self.mask_grid, self.mask_ratio)
         self._last = Sample(image, target, 0)
         return self._last
