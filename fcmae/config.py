@@ -107,6 +107,11 @@ class RunConfig:
     # max-autotune (torch.compile modes; inductor only), with compile_backend (inductor; aot_eager compiles fast)
     compile: str = "no"
     compile_backend: str = "inductor"
+    # bounded waiting (fcmae.train.faults): the process group's set-up and every collective give up after
+    # dist_timeout_s (a lost or frozen peer: one line, exit 5); no step completed for hang_timeout_s (0 = 50 x the
+    # median step time, at least 300 s): every process writes its stacks to hang-<rank>.txt and exits with status 4
+    dist_timeout_s: float = 600.0
+    hang_timeout_s: float = 0.0
 
 
 def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
@@ -146,6 +151,8 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
            f"is not one of {list(MIXED_PRECISION)}")
     for key in ("batch_size", "accum_iter", "keep_last", "log_every", "save_every_epochs"):
         _check(getattr(r, key) >= 1, f"run.{key}", getattr(r, key), "must be >= 1")
+    _check(r.dist_timeout_s > 0, "run.dist_timeout_s", r.dist_timeout_s, "must be > 0 (seconds)")
+    _check(r.hang_timeout_s >= 0, "run.hang_timeout_s", r.hang_timeout_s, "must be >= 0 (seconds; 0 = automatic)")
     for key in ("max_steps", "save_every_steps"):
         _check(getattr(r, key) >= 0, f"run.{key}", getattr(r, key), "must be >= 0 (0 = off)")
     if r.compile == "False":  # YAML 1.1 reads a bare `no` as false
@@ -388,7 +395,8 @@ TRAINING_KEYS_FREE = frozenset({
     "data.num_workers", "run.output_dir", "run.resume", "run.overwrite", "run.allow_config_change", "run.max_steps",
     "run.save_every_steps", "run.save_every_epochs", "run.keep_last", "run.log_every", "run.threads",
     "run.progress", "run.export_every_epochs", "run.num_vis_images", "run.eval_batch_size", "run.eval_every_epochs",
-    "run.compile", "run.compile_backend", "data.file_list", "data.shard_index",
+    "run.compile", "run.compile_backend", "data.file_list", "data.shard_index", "run.dist_timeout_s",
+    "run.hang_timeout_s",
 })
 TRAINING_PREFIXES_FREE = ("monitor.",)
 

@@ -110,28 +110,47 @@ def test_sigterm_then_sigint_stop_pretraining_and_resume_equals_uninterrupted(tm
     assert [h["step"] for h in history] == [3, 5] and all(h["changed"] == {} for h in history)
 
 
-def test_second_signal_during_the_save_aborts_without_corrupting(tmp_path, pre_ref, capsys, monkeypatch):
+@pytest.mark.parametrize("first,second,late", [("SIGTERM", "SIGTERM", True), ("SIGINT", "SIGINT", False),
+                                               ("SIGINT", "SIGINT", True), ("SIGTERM", "SIGINT", True)])
+def test_a_repeated_stop_signal_never_aborts_the_save_but_a_second_ctrl_c_does(tmp_path, pre_ref, capsys,
+                                                                                 monkeypatch, first, second, late):
+    """A launcher forwards the scheduler's SIGTERM (and a terminal's Ctrl-C) to the ranks once more, milliseconds
+    later: that repeat must not cost the stop's checkpoint. Only a user's second Ctrl-C (a SIGINT later than
+    ``ECHO_S`` after the first) aborts, and then nothing half-written is ever resumed from."""
     from accelerate import Accelerator
 
+    from fcmae.train import stopping
+
     real = Accelerator.save_state
+    if late:  # every repeat counts as late: what a user pressing Ctrl-C again after a second does
+        monkeypatch.setattr(stopping, "ECHO_S", -1.0)
 
     def interrupted_save(self, output_dir=None, **kw):
         if "step_00000003" in str(output_dir):  # the stop's save: half-written when the second signal comes
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, second))
         return real(self, output_dir, **kw)
 
     monkeypatch.setattr(Accelerator, "save_state", interrupted_save)
     out = tmp_path / "run"
-    assert _guarded("pretrain", _pre(out), _kill_at(3, signal.SIGTERM)) == 143
+    aborts = second == "SIGINT" and late
+    status = 130 if first == "SIGINT" or aborts else 143  # an abort is the user's Ctrl-C
+    assert _guarded("pretrain", _pre(out), _kill_at(3, getattr(signal, first))) == status
     line = _last_line(capsys.readouterr().err)
-    assert line.startswith("fcmae pretrain: aborted by a second SIGTERM") and "step_00000002" in line, line
     good, bad = scan_checkpoints(out / "checkpoints", content=True)
-    assert [p.name for p in good] == ["step_00000002"] and not bad  # the partial save is invisible
+    assert not bad  # a partial save is invisible
     monkeypatch.setattr(Accelerator, "save_state", real)
+    if not aborts:
+        assert line.startswith(f"fcmae pretrain: stopped by {first} after step 3: checkpoint "), line
+        assert [p.name for p in good] == ["step_00000002", "step_00000003"]
+    else:
+        assert line.startswith(f"fcmae pretrain: aborted by a second {second}") and "step_00000002" in line, line
+        assert [p.name for p in good] == ["step_00000002"]
     run_pretraining(_pre(out, "run.resume=auto"))
-    assert "removed the partial checkpoint .tmp_step_00000003" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"resumed from {out / 'checkpoints' / ('step_00000002' if aborts else 'step_00000003')}" in err, err
+    assert ("removed the partial checkpoint .tmp_step_00000003" in err) == aborts
     assert _max_diff(_ckpt_weights(pre_ref), _ckpt_weights(out)) <= 1e-6
 
 

@@ -3,9 +3,11 @@ config + overrides parsing are in ``fcmae.commands._flags``).
 
 User errors (a bad config key or value, a missing path, an empty dataset, an unreadable or unfitting checkpoint,
 a full disk) end a command with one line on stderr naming the problem and a non-zero status: 2 for usage and
-config errors, 3 for a non-finite loss, 1 for everything else. A run stopped by a signal
-(``fcmae.train.stopping.RunInterrupted``) ends with one line naming its checkpoint and status 143 (SIGTERM,
-SIGUSR1) or 130 (SIGINT). ``FCMAE_DEBUG=1`` shows the traceback instead.
+config errors, 1 for everything else. A run that cannot go on (``fcmae.train.stopping.FatalRunError``) ends with
+one line and its own status: 3 a non-finite loss, 5 a lost peer or a collective timed out (4, a hang, is reported
+by the watchdog itself). A run stopped by a signal (``fcmae.train.stopping.RunInterrupted``) ends with one line
+naming its checkpoint and status 143 (SIGTERM, SIGUSR1) or 130 (SIGINT). ``FCMAE_DEBUG=1`` shows the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -48,13 +50,19 @@ def one_line(exc: BaseException) -> str:
 def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
     """Run ``fn``; a user error becomes one line on stderr and its exit status (see the module docstring)."""
     from fcmae.config import ConfigError
-    from fcmae.train.stopping import RunInterrupted  # no torch: a config error stays fast
+    from fcmae.train.stopping import FatalRunError, RunInterrupted  # no torch: a config error stays fast
 
     try:
         return int(fn() or 0)
     except RunInterrupted as exc:  # stopped on a signal: where the checkpoint is, how to continue; 143 or 130
         if is_main_process():
             print(f"fcmae {command}: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_status
+    except FatalRunError as exc:  # a non-finite loss, a lost peer: one line (from every rank where it says so)
+        if os.environ.get("FCMAE_DEBUG"):
+            raise
+        if is_main_process() or getattr(exc, "every_rank", False):
+            print(f"fcmae {command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
         return exc.exit_status
     except KeyboardInterrupt:  # Ctrl-C outside a trainer's fit (its handlers turn it into RunInterrupted)
         if is_main_process():
@@ -63,12 +71,8 @@ def run_guarded(command: str, fn: Callable[[], int | None]) -> int:
     except Exception as exc:
         if os.environ.get("FCMAE_DEBUG"):
             raise
-        # the trainer (and torch) only when the command got that far: a config error stays fast
-        trainer = sys.modules.get("fcmae.train.trainer")
         if isinstance(exc, ConfigError):
             code, kind = 2, "config error"
-        elif trainer is not None and isinstance(exc, trainer.NonFiniteLossError):
-            code, kind = 3, "error"
         elif isinstance(exc, (ValueError, OSError, KeyError, ImportError)):  # data, weights, disk, optional deps
             code, kind = 1, "error"
         else:

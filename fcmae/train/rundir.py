@@ -40,11 +40,31 @@ class ConfigChangeError(ConfigError):
 
 
 # --------------------------------------------------------------------------------------------- the lock
+# lock descriptors this process holds. A forked child (a DataLoader worker, a compile worker) closes its copies at
+# once: a flock belongs to the open file, and a child outliving a SIGKILLed trainer would otherwise hold the run's
+# lock until it noticed (seconds), refusing an elastic restart. Exec'd children never get it (os.open's
+# descriptors are close-on-exec). Closing, never unlocking: LOCK_UN from the child would free the parent's lock.
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class RunLock:
     """An exclusive advisory lock (``fcntl.flock``) on ``<output_dir>/.fcmae.lock``, held for the whole run.
 
     The kernel drops a ``flock`` when its process ends, however it ends (SIGKILL, OOM killer, node reboot of a
-    local disk), so a lock left by a dead run never blocks the next one: no stale-lock heuristics. The file holds
+    local disk), and no child keeps it (``_close_inherited_locks``), so a lock left by a dead run never blocks the
+    next one, not even an elastic restart 0.1 s later: no stale-lock heuristics. The file holds
     the holder's pid, host and start time while the lock is held (for the message a second run prints) and is
     emptied on release, so a folder's bytes do not depend on who last looked at it.
     """
@@ -79,6 +99,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         self.fd = fd
+        _HELD.add(fd)
         return None
 
     def release(self) -> None:
@@ -89,6 +110,7 @@ class RunLock:
         except OSError:
             pass  # a full or read-only disk must not turn a clean end into an error: the lock goes anyway
         fcntl.flock(self.fd, fcntl.LOCK_UN)
+        _HELD.discard(self.fd)
         os.close(self.fd)
         self.fd = None
 

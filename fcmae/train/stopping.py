@@ -1,12 +1,22 @@
 """Stopping on a signal: SIGTERM, SIGINT and SIGUSR1 finish the current optimizer step, save a checkpoint and exit.
 
-Cluster schedulers end a job with SIGTERM (SLURM, Kubernetes) or a warning signal some time before the kill
-(SLURM ``--signal=USR1@120``); a terminal sends SIGINT. ``StopRequest`` turns the first of them into a flag the
+Cluster schedulers end a job with SIGTERM (Slurm, Kubernetes) or a warning signal some time before the kill
+(Slurm ``--signal=USR1@120``); a terminal sends SIGINT. ``StopRequest`` turns the first of them into a flag the
 trainer reads at step boundaries (never in the middle of a step: the checkpoint is the normal one, at a step
-boundary, so the resumed run continues bit-for-bit). A second signal aborts at once by raising ``RunInterrupted``
-from the handler: checkpoints are complete-or-invisible, so whatever the save was doing is cleaned up or ignored at
-the next start. The exit status is ``128 + 2`` for SIGINT (130, as a shell reports Ctrl-C) and 143 (``128 + 15``,
-"terminated") for SIGTERM and SIGUSR1, so a job script can tell a clean stop from a crash.
+boundary, so the resumed run continues bit-for-bit). The exit status is ``128 + 2`` for SIGINT (130, as a shell
+reports Ctrl-C) and 143 (``128 + 15``, "terminated") for SIGTERM and SIGUSR1, so a job script can tell a clean stop
+from a crash.
+
+Signal storms. A scheduler signals every process of a job, and a launcher (``torchrun``, ``accelerate launch``:
+torch's elastic agent) forwards the signal it got to its workers once more: each rank sees the same stop twice,
+milliseconds apart, and then the agent waits its shutdown timeout before SIGKILL. So repeated SIGTERM/SIGUSR1 never
+abort a stop (only SIGKILL can); a second SIGINT aborts at once only when it comes later than ``ECHO_S`` after the
+first (a user pressing Ctrl-C twice), not when a launcher echoes the terminal's Ctrl-C. The abort raises
+``RunInterrupted(aborted=True)`` from the handler: checkpoints are complete-or-invisible, so whatever the save was
+doing is cleaned up or ignored at the next start.
+
+Errors that end a run with an exit status of their own (a non-finite loss, a lost peer, a hang) are
+``FatalRunError``s: one line on stderr, their ``exit_status`` (``fcmae.commands._common.run_guarded``).
 """
 
 from __future__ import annotations
@@ -18,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# a second SIGINT later than this after the first is a user's second Ctrl-C (abort); sooner, a launcher's echo
+ECHO_S = 1.0
+# exit statuses of the runs that end on an error of their own (1: other user errors, 2: usage/config errors)
+EXIT_NONFINITE, EXIT_HANG, EXIT_PEER_LOST = 3, 4, 5
 
 
 def signal_name(signum: int) -> str:
@@ -46,14 +60,22 @@ class RunInterrupted(BaseException):
         return f"stopped by {name} after step {self.step}: {where}; continue with run.resume=auto"
 
 
+class FatalRunError(RuntimeError):
+    """A run that cannot go on, with an exit status of its own and a message of one line."""
+
+    exit_status = 1
+
+
 class StopRequest:
-    """Handlers for ``STOP_SIGNALS`` while a run trains: the first signal is remembered (``signum``, ``time``),
-    the second raises ``RunInterrupted(aborted=True)``. ``install``/``restore`` put back the previous handlers
-    (installed only from the main thread: Python delivers signals there alone)."""
+    """Handlers for ``STOP_SIGNALS`` while a run trains: the first signal is remembered (``signum``, ``time``);
+    repeats are counted (``repeats``) and ignored, except a user's second Ctrl-C (a SIGINT later than ``ECHO_S``
+    after the first), which raises ``RunInterrupted(aborted=True)``. ``install``/``restore`` put back the previous
+    handlers (installed only from the main thread: Python delivers signals there alone)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self.time = 0.0
+        self.repeats = 0
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -69,8 +91,12 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
         if self.signum is None:
-            self.signum, self.time = signum, time.monotonic()
+            self.signum, self.time = signum, now
             return
-        self.restore()  # a third signal gets the default action
+        if signum != signal.SIGINT or now - self.time <= ECHO_S:
+            self.repeats += 1  # the launcher's forward of the same stop, or the scheduler again: the save goes on
+            return
+        self.restore()  # a third Ctrl-C gets the default action
         raise RunInterrupted(signum, None, None, aborted=True)

@@ -26,15 +26,18 @@ from torch import Tensor, nn
 
 from fcmae.data.decode import collate_samples
 from fcmae.data.sampling import EpochSampler, Sample, ignore_stop_signals, shield_workers
+from fcmae.train.faults import Faults, peer_failure, process_group_kwargs
 from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
 from fcmae.train.rundir import RunDirError, RunLock, RunStart, open_run, record_segment
-from fcmae.train.stopping import RunInterrupted, StopRequest, signal_name
+from fcmae.train.stopping import EXIT_NONFINITE, FatalRunError, RunInterrupted, StopRequest, signal_name
 from fcmae.weights.checkpoints import find_latest_checkpoint, save_checkpoint
 from fcmae.weights.files import strict_json, strict_json_value, write_json_atomic, write_text_atomic
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FatalRunError):
     """The loss became NaN/inf; the run stops without writing a checkpoint."""
+
+    exit_status = EXIT_NONFINITE
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -339,7 +342,7 @@ class Trainer:
         self.summary: dict[str, Any] = {"output_dir": str(self.out_dir)}
         self.progress: Progress | None = None
         self.stop = StopRequest()
-        self.stop_signum = 0  # the stop the processes agreed on (several processes; see _stop_now)
+        self.faults: Faults | None = None  # the stop agreement, the hang watchdog, lost peers (after _accelerator)
         self.lock: RunLock | None = None
 
     # -- set-up --------------------------------------------------------------------------------------------
@@ -364,7 +367,9 @@ class Trainer:
         # device queue; accelerate's default copies block three times per micro-step
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=run.accum_iter,
                                        step_scheduler_with_optimizer=False, cpu=cpu_ddp,
-                                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
+                                       dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                                       kwargs_handlers=[process_group_kwargs(run.dist_timeout_s)])
+        self.faults = Faults(self.stop, self.out_dir, run, f"fcmae {self.recipe.name}")
         set_seed(run.seed)
 
     def _loader(self) -> torch.utils.data.DataLoader:
@@ -502,16 +507,27 @@ class Trainer:
         """
         self.stop.install()
         shield_workers(True)
+        clean = False
         try:
             self._setup()
-            if self.start.finished is not None:
-                return self._already_finished()
-            return self._train()
+            summary = self._already_finished() if self.start.finished is not None else self._train()
+            clean = True
+            return summary
         except RunInterrupted as exc:
-            if exc.aborted:  # a second signal: name the checkpoint the next start will resume from
+            clean = not exc.aborted
+            if exc.aborted:  # a user's second Ctrl-C: name the checkpoint the next start will resume from
                 exc.checkpoint, exc.step = find_latest_checkpoint(self.ckpt_root), self.state.step
             raise
+        except RuntimeError as exc:  # a collective failing: a lost peer, a timeout (one line), or a hang
+            newest = find_latest_checkpoint(self.ckpt_root)
+            lost = (self.faults.translate(exc, self.state.step, newest) if self.faults is not None
+                    else peer_failure(exc, self.state.step, self.cfg.run.dist_timeout_s, newest))
+            if lost is None:
+                raise
+            raise lost from None
         finally:
+            if self.faults is not None:
+                self.faults.close(clean)
             shield_workers(False)
             self.stop.restore()
             if self.lock is not None:
@@ -544,20 +560,15 @@ class Trainer:
         return self._finish()
 
     def _stop_now(self) -> bool:
-        """Whether a stop signal ends the run at this step boundary.
-
-        One process: as soon as its handler saw one (a Python flag: no device read). Several: only once they agreed
-        on it, which they do in ``_flush``, the host read every process makes at the same steps anyway (log steps,
-        saves, epoch ends): no extra sync per step, at the price of a stop up to ``run.log_every`` steps late.
-        A scheduler usually signals every process; one that was not signalled stops with the others."""
-        if self.accelerator.num_processes == 1:
-            return self.stop.signum is not None
-        return self.stop_signum > 0
+        """Whether a stop signal ends the run at this step boundary: one process, as soon as its handler saw one;
+        several, at the step they agreed on (``fcmae.train.faults.StopAgreement``: one step later, every process
+        at the same step, whichever got the signal)."""
+        return self.faults.agreement.poll(self.state.step) > 0
 
     def _stop_here(self) -> None:
         """Save the step reached (the normal checkpoint path), log it and raise ``RunInterrupted``."""
         st = self.state
-        signum = self.stop.signum or self.stop_signum
+        signum = self.faults.agreement.agreed
         if st.step > 0 and self.last_saved != st.step:
             self.save()
         self._flush()
@@ -599,7 +610,8 @@ class Trainer:
             self._flush()
             self.say(f"epoch {epoch + 1}/{s.epochs} done: step {st.step}/{s.last_step}, loss {self.last_loss:.4f}, "
                      f"elapsed {_hms(self.elapsed())}, eta {_hms(self.progress.eta(st.step))}")
-            self.recipe.on_epoch_end(self.ctx, epoch)
+            with self.faults.watchdog.paused():  # evaluation, exports: not steps (their waits: run.dist_timeout_s)
+                self.recipe.on_epoch_end(self.ctx, epoch)
             self.recipe.train_mode(self.model)
             due, self.save_due = st.epoch % run.save_every_epochs == 0 or self.save_due, False
             if due and self.last_saved != st.step:
@@ -622,6 +634,7 @@ class Trainer:
         if not out["stepped"]:
             return False
         st.step += 1
+        self.faults.watchdog.beat(st.step)
         self.progress.step()
         self.recipe.after_step(self.ctx)
         if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
@@ -646,12 +659,8 @@ class Trainer:
         p, acc = self.pending, self.accelerator
         if p.count == 0:
             return {"loss": self.last_loss, "grad_norm": None}
-        # the stop flag rides on this read (every process has it): the processes agree on a stop here, at the
-        # same step, without a host sync of their own (see _stop_now)
-        stop = torch.tensor(float(self.stop.signum or 0), device=acc.device)
-        packed = torch.stack([p.loss_sum, p.last_loss, p.bad_step.float(), p.skipped.float(), stop]).reshape(1, 5)
+        packed = torch.stack([p.loss_sum, p.last_loss, p.bad_step.float(), p.skipped.float()]).reshape(1, 4)
         rows = acc.gather(packed).tolist()
-        self.stop_signum = self.stop_signum or int(max(r[4] for r in rows))
         grad_norm = float(p.grad_norm) if p.grad_norm is not None else None
         self.pending = _Pending(acc.device)
         bad = [int(r[2]) for r in rows if r[2] >= 0]
@@ -719,7 +728,8 @@ class Trainer:
             self._write_summary("failed", error=str(exc).splitlines()[0])
 
     def _finish(self) -> dict[str, Any]:
-        self.summary.update(self.recipe.finish(self.ctx))
+        with self.faults.watchdog.paused():
+            self.summary.update(self.recipe.finish(self.ctx))
         self._write_summary("finished" if self.state.step >= self.schedule.total_steps else "stopped")
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
