@@ -40,11 +40,48 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def process_group_kwargs(timeout_s: float) -> Any:
-    """accelerate's handler that gives the process group (set-up and collectives) ``timeout_s`` instead of torch's
-    default of 30 minutes (10 for NCCL)."""
+    """accelerate's handler for the process group: set-up and collectives bounded by ``timeout_s`` (instead of
+    torch's default of 30 minutes, 10 for NCCL), and under an elastic agent the rendezvous of ``attempt_store``."""
     from accelerate.utils import InitProcessGroupKwargs
 
-    return InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s), init_method=elastic_init_method())
+
+
+ELASTIC_SCHEME = "fcmae-attempt"
+
+
+def elastic_init_method() -> str | None:
+    """``fcmae-attempt://`` when the launcher's elastic agent serves the store (``torchrun``, ``accelerate launch``:
+    ``TORCHELASTIC_USE_AGENT_STORE=True``), else None (torch's ``env://``).
+
+    Why: the agent keeps one store for the whole job, across restarts (static rendezvous, and c10d's shared store
+    in torch 2.14), and torch's ``env://`` uses it without a per-attempt prefix. A restarted group then finds the
+    dead generation's keys (gloo's peer addresses, barrier counters) and, racing its own writes, dials dead ports
+    (``connectFullMesh failed ... Connection refused``) or waits on a peer that never comes: the failures seen after
+    a rank-0 death. This rendezvous is ``env://`` with the attempt's own key prefix."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    import importlib
+
+    try:  # the module, not torch.distributed's function of the same name
+        importlib.import_module("torch.distributed.rendezvous").register_rendezvous_handler(ELASTIC_SCHEME,
+                                                                                            _attempt_rendezvous)
+    except RuntimeError:
+        pass  # registered by an earlier trainer in this process
+    return f"{ELASTIC_SCHEME}://"
+
+
+def _attempt_rendezvous(url: str, timeout: timedelta = timedelta(minutes=30), **kwargs: Any) -> Iterator[Any]:
+    """Rendezvous handler (a generator of ``(store, rank, world_size)``): the agent's store as a client, its keys
+    under ``fcmae/attempt_<TORCHELASTIC_RESTART_COUNT>/``."""
+    import torch.distributed as dist
+
+    e = os.environ
+    rank, world = int(e["RANK"]), int(e["WORLD_SIZE"])
+    agent = dist.TCPStore(e["MASTER_ADDR"], int(e["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    store = dist.PrefixStore(f"fcmae/attempt_{e.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+    yield store, rank, world
+    raise RuntimeError("the fcmae-attempt rendezvous cannot be repeated")
 
 
 # ------------------------------------------------------------------------------------------- the stop step
@@ -111,9 +148,10 @@ _PEER_TEXT = re.compile(r"connection (reset|closed|refused)|broken pipe|timed ou
 
 
 def _reason(exc: BaseException) -> str:
-    """The backend's first line without its source location (``[.../pair.cc:534] Connection closed by peer``)."""
+    """The backend's first sentence without its source location (``[.../pair.cc:534] Connection closed by peer``)."""
     line = next((x for x in str(exc).splitlines() if x.strip()), type(exc).__name__)
-    return re.sub(r"^\s*\[[^\]]*\.(cc|cpp|hpp|h):\d+\]\s*", "", line).strip()
+    line = re.sub(r"\[[^\]]*\.(cc|cpp|hpp|h):\d+\]\s*", "", line).strip()
+    return re.split(r"\.\s+(?=[A-Z])", line)[0]  # gloo goes on with advice ("This is typically caused by ...")
 
 
 def peer_failure(exc: BaseException, step: int, timeout_s: float, newest: Path | None) -> PeerLostError | None:
