@@ -61,6 +61,10 @@ class DataConfig:
     # data.source=webdataset: the shards' index.json when it is not beside them (e.g. for pipe:/URL shards)
     shard_index: str = ""
     shuffle_buffer: int = 1000  # webdataset: samples shuffled in memory per reader stream
+    # skipped (unreadable) samples may be at most this share of what a run reads, else it stops (1 = never stops)
+    max_skipped_fraction: float = 0.01
+    # webdataset fine-tuning: labels from `cls` (""), or from this field of each sample's `json` (e.g. "label")
+    label_field: str = ""
 
 
 @dataclass
@@ -134,6 +138,8 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.limit >= 0, "data.limit", d.limit, "must be >= 0 (0 = all)")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
+    _check(0.0 <= d.max_skipped_fraction <= 1.0, "data.max_skipped_fraction", d.max_skipped_fraction,
+           "must be in [0, 1]")
     _check(d.source != "webdataset" or d.limit == 0, "data.limit", d.limit, "is not available with webdataset shards")
     _check(o.blr > 0 or (o.lr or 0) > 0, "optim.blr", o.blr, "must be > 0")
     _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "must be > 0 (or null to use optim.blr)")
@@ -396,7 +402,7 @@ TRAINING_KEYS_FREE = frozenset({
     "run.save_every_steps", "run.save_every_epochs", "run.keep_last", "run.log_every", "run.threads",
     "run.progress", "run.export_every_epochs", "run.num_vis_images", "run.eval_batch_size", "run.eval_every_epochs",
     "run.compile", "run.compile_backend", "data.file_list", "data.shard_index", "run.dist_timeout_s",
-    "run.hang_timeout_s",
+    "run.hang_timeout_s", "data.max_skipped_fraction",
 })
 TRAINING_PREFIXES_FREE = ("monitor.",)
 

@@ -77,7 +77,8 @@ def build_pretrain_train_set(cfg: Any, in_chans: int, seed: int, mask_grid: tupl
 
         tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
         return ShardStream(open_shards(cfg.path, cfg.shard_index), tf, in_chans=in_chans, seed=seed,
-                           mask_grid=mask_grid, mask_ratio=mask_ratio, buffer=cfg.shuffle_buffer)
+                           mask_grid=mask_grid, mask_ratio=mask_ratio, buffer=cfg.shuffle_buffer,
+                           on_bad_image=cfg.on_bad_image)
     base = build_pretrain_dataset(cfg, in_chans, deferred=True)
     # folders with data.decode=cpu: each batch's crops are drawn first, then decoded in the worker (DecodeCrop)
     finish = DecodeCrop(cfg.input_size, in_chans) if isinstance(base, ImageFiles) and cfg.decode == "cpu" else None
@@ -257,17 +258,23 @@ def _finetune_shards(cfg: Any, in_chans: int, seed: int) -> FinetuneData:
     """Labelled shards (``cls``) for training and validation; classes from the training shards' index."""
     from fcmae.data.shards import ShardStream, open_shards
 
-    train, val = open_shards(cfg.train_path, cfg.shard_index), open_shards(cfg.val_path)
+    train = open_shards(cfg.train_path, cfg.shard_index, labelled=True, label_field=cfg.label_field)
+    val = open_shards(cfg.val_path, labelled=True, label_field=cfg.label_field)
     if not train.classes:
-        raise DataError(f"the shards of {cfg.train_path} hold no labels (their index.json lists no classes; shard "
-                        "class folders with fcmae shard)")
+        raise DataError(f"the shards of {cfg.train_path} hold no labels (no `cls` members, or no data.label_field="
+                        f"{cfg.label_field!r} in their `json` members; fcmae shard stores class folders' as `cls`)")
+    if val.classes and val.classes != train.classes and len(val.classes) > len(train.classes):
+        raise DataError(f"the validation shards of {cfg.val_path} hold labels the training shards do not "
+                        f"({len(val.classes)} classes against {len(train.classes)})")
     tf = build_finetune_transform(cfg.input_size, in_chans, auto_augment=cfg.auto_augment or None,
                                   color_jitter=cfg.color_jitter, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
                                   interpolation=cfg.interpolation)
+    bad = {"on_bad_image": cfg.on_bad_image, "label_field": cfg.label_field}
     train_set = ShardStream(train, _ViaPIL(tf), in_chans=in_chans, seed=seed, labelled=True,
-                            buffer=cfg.shuffle_buffer, seed_globals=True)
+                            buffer=cfg.shuffle_buffer, seed_globals=True, **bad)
+    val.classes = train.classes  # string labels index the training classes
     val_set = ShardStream(val, ResizeCenterCropU8(cfg.input_size, cfg.crop_pct), in_chans=in_chans, labelled=True,
-                          shuffle=False)
+                          shuffle=False, **bad)
     return FinetuneData(train_set, val_set, list(train.classes), train.total, {})
 
 

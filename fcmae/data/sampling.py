@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from fcmae.data.images import BadImageError
+from fcmae.data.policy import BAD_IMAGE, skip_vector
 from fcmae.models.masking import MASK_RATIO, random_masking
 
 # the generator of the sample being produced (set by SeededSamples around base[...]); DataLoader workers are
@@ -61,12 +62,13 @@ class Sample(NamedTuple):
     """One training item; batched by the DataLoader into the same type with a leading batch axis.
 
     ``image``: ``(C, H, W)``; ``target``: the mask ``(h*w,)`` bool (pretraining, True = removed) or the label
-    (``-1`` for unlabelled data); ``skipped``: how many unreadable files were replaced to produce it.
+    (``-1`` for unlabelled data); ``skipped``: ``(len(REASONS),)`` int64, how many unreadable samples or files were
+    replaced to produce it, per reason (``fcmae.data.policy``).
     """
 
     image: Tensor
     target: Tensor | int
-    skipped: int
+    skipped: Tensor
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -169,9 +171,9 @@ class SeededSamples(Dataset):
         else:
             label, skipped = -1, int(item[1]) if len(item) > 1 else 0
         if self.mask_grid is None:
-            return Sample(item[0], label, skipped), used
+            return Sample(item[0], label, skip_vector(BAD_IMAGE, skipped)), used
         mask = sample_mask(s if s is not None else index, self.mask_grid, self.mask_ratio)
-        return Sample(item[0], mask, skipped), used
+        return Sample(item[0], mask, skip_vector(BAD_IMAGE, skipped)), used
 
     def _finished(self, index: int, sample: Sample, used: int) -> Sample:
         """``sample`` with ``finish`` applied to its image. A file that fails there goes to the base's ``reject``
@@ -221,3 +223,18 @@ def ignore_stop_signals(worker_id: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def closing_batches(loader: Iterable[Any]) -> Iterator[Any]:
+    """``loader``'s batches; its worker processes are ended as soon as the iteration ends, breaks or raises.
+
+    Why: an error raised in a worker (a bad image with ``data.on_bad_image=error``) leaves the loader's iterator
+    referenced by the traceback until interpreter exit; ``multiprocessing`` then terminates the workers itself and
+    PyTorch's SIGCHLD handler turns their deaths into a second, multi-line error after the one-line message."""
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None) or getattr(it, "close", None)
+        if shutdown is not None:
+            shutdown()
