@@ -170,3 +170,63 @@ def test_samples_without_an_image_are_dropped_and_counted(tmp_path: Path) -> Non
     # an image is dropped and counted once per epoch
     assert s["skipped"]["no_image"] == EPOCHS and s["steps"] == EPOCHS * 10, s["skipped"]
     assert "sample s0005 holds no image" in err
+
+
+class _Identity:
+    def __call__(self, x):  # noqa: ANN001, ANN204
+        return x
+
+
+def _epoch(shards: Path, world: int, workers: int, skip: int = 0) -> list[tuple[list[bytes], list[list[int]]]]:
+    """Per rank: the hashes of the images its loader yields in epoch 0 after skipping ``skip`` batches, and the
+    per-reason skip counts of each batch."""
+    import hashlib
+
+    from torch.utils.data import DataLoader
+
+    from fcmae.data.shards import ShardStream, open_shards
+
+    out = []
+    for rank in range(world):
+        ds = ShardStream(open_shards(str(shards)), _Identity(), in_chans=3, seed=0, labelled=True)
+        ds.configure(rank, world, 4, workers)
+        ds.use_epoch(0)
+        ds.skip_batches(skip)
+        batches = list(DataLoader(ds, batch_size=4, num_workers=workers))
+        out.append(([hashlib.sha1(x.contiguous().numpy()).digest() for b in batches for x in b.image],
+                    [b.skipped.sum(0).tolist() for b in batches]))
+    return out
+
+
+def test_damaged_streams_keep_their_length_and_resume_exactly(tmp_path: Path) -> None:
+    shards = _shards(tmp_path, garbage=5)
+    tars = sorted(shards.glob("*.tar"))
+    _cut(tars[0], at_boundary=True)
+    _cut(tars[7], at_boundary=False)
+    for world, workers in [(1, 0), (2, 2)]:
+        full = _epoch(shards, world, workers)
+        assert len({len(images) for images, _ in full}) == 1  # every rank as long as planned
+        assert sum(len(images) for images, _ in full) == 48 // (4 * world * max(1, workers)) * 4 * world * max(
+            1, workers)
+        totals = np.sum([c for _, counts in full for c in counts], axis=0)
+        assert totals.tolist() == [1, 0, 0, 6, 0]  # the garbage image; 3 + 3 samples lost to the two cuts
+        for skip in (1, 2):  # a resumed epoch makes the same samples (the same replacements) from there on
+            assert [images for images, _ in _epoch(shards, world, workers, skip)] == [
+                images[4 * skip:] for images, _ in full]
+
+
+def test_a_vanished_shard_is_one_error_and_a_dry_loader_never_restarts(tmp_path: Path) -> None:
+    from fcmae.data.images import DataError
+    from fcmae.data.policy import StreamEndedError, check_epoch_complete
+
+    shards = _shards(tmp_path, n=16)
+    from fcmae.data.shards import ShardStream, open_shards
+
+    ds = ShardStream(open_shards(str(shards)), _Identity(), in_chans=3)
+    ds.configure(0, 1, 4, 0)
+    sorted(shards.glob("*.tar"))[2].unlink()  # after the epoch was planned, as mid-run
+    with pytest.raises(DataError, match="shard .*shard-000002.tar is gone"):
+        list(ds)
+    with pytest.raises(StreamEndedError, match="ended after 3 of the 4 batches of epoch 2"):
+        check_epoch_complete(3, 4, 1)
+    check_epoch_complete(4, 4, 1)
