@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fcmae.data.images import DataError, Transform, check_in_chans
+from fcmae.data.protocol import SampleBase
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def load_fashion_mnist_arrays(root: str | Path = DATASET_DEFAULT_FASHION_MNIST,
     return images, labels
 
 
-class _GrayArrayDataset(Dataset):
+class _GrayArrayDataset(SampleBase):
     """uint8 gray images kept in memory -> ``(transform(PIL image), label)``."""
 
     images: np.ndarray  # (N, H, W) uint8
@@ -105,6 +106,11 @@ class _GrayArrayDataset(Dataset):
             img = img.convert("RGB")  # the gray channel replicated
         x = self.transform(img) if self.transform is not None else img
         return x, int(self.labels[index])
+
+    def sample(self, index: int) -> tuple[Any, int, int]:
+        """``SampleBase``: ``(image, label, 0)``."""
+        x, label = self[index]
+        return x, label, 0
 
 
 class FashionMNIST(_GrayArrayDataset):
@@ -174,7 +180,7 @@ def make_demo_asset(out_path: str | Path, per_class: int | Sequence[int] = (103,
 
 
 # --------------------------------------------------------------------------------------------- adapters
-class DropLabels(Dataset):
+class DropLabels(SampleBase):
     """``(image, label, ...)`` -> ``(image, 0)``: the pretraining item layout for sets that never skip files."""
 
     def __init__(self, dataset: Dataset) -> None:
@@ -185,5 +191,8 @@ class DropLabels(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.dataset[index][0], 0
+
+    def sample(self, index: int) -> tuple[Any, int, int]:
+        return self.dataset[index][0], -1, 0
 
 
