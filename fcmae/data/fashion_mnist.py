@@ -196,3 +196,36 @@ class DropLabels(SampleBase):
         return self.dataset[index][0], -1, 0
 
 
+
+
+# --------------------------------------------------------------------------------------------- the sources
+def demo_pretrain(cfg: Any, in_chans: int, deferred: bool = False) -> SampleBase:
+    """``data.source=demo`` (``fcmae.data.sources``): the embedded set, unlabelled, the first ``data.limit``."""
+    from fcmae.data.transforms import build_pretrain_transform
+
+    tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
+    return _first(DropLabels(DemoImages(tf, in_chans, base_size=max(cfg.input_size, 28))), cfg.limit)
+
+
+def fashion_pretrain(cfg: Any, in_chans: int, deferred: bool = False) -> SampleBase:
+    """``data.source=fashion_mnist`` pretraining: the training split in ``data.path`` (default: Debian's)."""
+    from fcmae.data.transforms import build_pretrain_transform
+
+    tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
+    return _first(DropLabels(FashionMNIST(cfg.path or DATASET_DEFAULT_FASHION_MNIST, "train", tf, in_chans)),
+                  cfg.limit)
+
+
+def fashion_splits(cfg: Any, in_chans: int, train_tf: Any, val_tf: Any) -> tuple[Any, Any, list[str]]:
+    """``data.source=fashion_mnist`` fine-tuning: the train and test IDX files in ``data.path``."""
+    root = cfg.path or DATASET_DEFAULT_FASHION_MNIST
+    return (FashionMNIST(root, "train", train_tf, in_chans), FashionMNIST(root, "test", val_tf, in_chans),
+            list(FashionMNIST.classes))
+
+
+def _first(ds: SampleBase, limit: int) -> SampleBase:
+    from torch.utils.data import Subset
+
+    from fcmae.data.protocol import Items
+
+    return Items(Subset(ds, range(limit))) if 0 < limit < len(ds) else ds  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch.utils.data import Dataset
@@ -72,3 +73,25 @@ class BatchStream(Protocol):
     def use_epoch(self, epoch: int) -> None: ...
 
     def skip_batches(self, k: int) -> None: ...
+
+
+@dataclass
+class FinetuneData:
+    """Training/validation sets (items ``(image, label, n_skipped)``) and what the run reports about them."""
+
+    train: Any  # SeededSamples, or a ShardStream (webdataset)
+    val: Any
+    classes: list[str]
+    train_total: int  # images available before the label budget (after data.limit)
+    train_counts: dict[int, int]  # images per class kept for training
+
+    def describe_budget(self, cfg: Any) -> str:
+        if not self.train_counts:  # shards: sized by their index, not counted per class
+            return f"{self.train_total} training images in shards"
+        n = sum(self.train_counts.values())
+        if n == self.train_total:
+            return f"{n} training images"
+        per = sorted(set(self.train_counts.values()))
+        per_txt = str(per[0]) if len(per) == 1 else f"{per[0]}-{per[-1]}"
+        return (f"label budget: {n} of {self.train_total} training images ({per_txt} per class; train_fraction "
+                f"{cfg.train_fraction:g}, labels_per_class {cfg.labels_per_class}, seed {cfg.label_seed})")

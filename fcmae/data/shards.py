@@ -36,8 +36,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fcmae.data.decode import decode_bytes
 from fcmae.data.images import DataError, class_folders, find_images
 from fcmae.data.policy import BAD_IMAGE, NO_IMAGE, NO_LABEL, TRUNCATED, UNREADABLE, bad_data, skip_vector
+from fcmae.data.protocol import FinetuneData
 from fcmae.data.sampling import Sample, sample_mask, sample_seed, seeded
 from fcmae.data.shard_index import IMAGE_KEYS, classes_of, label_member, read_label, shard_info, shard_name
+from fcmae.data.transforms import ResizeCenterCropU8, ViaPIL, build_finetune_transform, build_pretrain_transform
 from fcmae.models.masking import MASK_RATIO
 
 INDEX_NAME = "index.json"
@@ -355,3 +357,33 @@ class ShardStream(IterableDataset):
         else:
             target = sample_mask(s_seed, self.mask_grid, self.mask_ratio)
         return Sample(image, target if target is not None else 0, skipped)
+
+
+# --------------------------------------------------------------------------------------------- the source
+def pretrain_stream(cfg: Any, in_chans: int, seed: int, mask_grid: tuple[int, int], mask_ratio: float) -> ShardStream:
+    """``data.source=webdataset`` pretraining (``fcmae.data.sources``): the shards of ``data.path``."""
+    tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
+    return ShardStream(open_shards(cfg.path, cfg.shard_index), tf, in_chans=in_chans, seed=seed, mask_grid=mask_grid,
+                       mask_ratio=mask_ratio, buffer=cfg.shuffle_buffer, on_bad_image=cfg.on_bad_image)
+
+
+def finetune_streams(cfg: Any, in_chans: int, seed: int) -> FinetuneData:
+    """Labelled shards (``cls``) for training and validation; classes from the training shards' index."""
+    train = open_shards(cfg.train_path, cfg.shard_index, labelled=True, label_field=cfg.label_field)
+    val = open_shards(cfg.val_path, labelled=True, label_field=cfg.label_field)
+    if not train.classes:
+        raise DataError(f"the shards of {cfg.train_path} hold no labels (no `cls` members, or no data.label_field="
+                        f"{cfg.label_field!r} in their `json` members; fcmae shard stores class folders' as `cls`)")
+    if val.classes and val.classes != train.classes and len(val.classes) > len(train.classes):
+        raise DataError(f"the validation shards of {cfg.val_path} hold labels the training shards do not "
+                        f"({len(val.classes)} classes against {len(train.classes)})")
+    tf = build_finetune_transform(cfg.input_size, in_chans, auto_augment=cfg.auto_augment or None,
+                                  color_jitter=cfg.color_jitter, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
+                                  interpolation=cfg.interpolation)
+    bad = {"on_bad_image": cfg.on_bad_image, "label_field": cfg.label_field}
+    train_set = ShardStream(train, ViaPIL(tf), in_chans=in_chans, seed=seed, labelled=True,
+                            buffer=cfg.shuffle_buffer, seed_globals=True, **bad)
+    val.classes = train.classes  # string labels index the training classes
+    val_set = ShardStream(val, ResizeCenterCropU8(cfg.input_size, cfg.crop_pct), in_chans=in_chans, labelled=True,
+                          shuffle=False, **bad)
+    return FinetuneData(train_set, val_set, list(train.classes), train.total, {})
