@@ -65,6 +65,9 @@ class DataConfig:
     max_skipped_fraction: float = 0.01
     # webdataset fine-tuning: labels from `cls` (""), or from this field of each sample's `json` (e.g. "label")
     label_field: str = ""
+    # hf: the columns of the images ({bytes, path} or bytes) and, fine-tuning, of the labels (ImageNet-1k's names)
+    image_column: str = "image"
+    label_column: str = "label"
 
 
 @dataclass
@@ -193,7 +196,8 @@ class PretrainModelConfig(ModelConfig):
 class PretrainDataConfig(DataConfig):
     # demo: images shipped in the package; folder: any folder of images (recursive); imagenet: <path>/train;
     # fashion_mnist: IDX files in `path` (default /usr/share/datasets/fashion-mnist); webdataset: tar shards in
-    # `path` (a folder, a brace pattern or a pipe:/URL spec; see fcmae shard)
+    # `path` (a folder, a brace pattern or a pipe:/URL spec; see fcmae shard); hf: a Hugging Face dataset in `path`
+    # (parquet or arrow files, or a save_to_disk folder). The table of sources: fcmae/data/sources.py
     source: str = "imagenet"
     # cpu: workers decode and crop (default); gpu: workers read JPEG bytes and draw the crop, the training device
     # decodes (nvJPEG on CUDA, in one batched call) and crops (folder/imagenet sources; other files on the CPU)
@@ -298,7 +302,8 @@ class FinetuneModelConfig(ModelConfig):
 class FinetuneDataConfig(DataConfig):
     # imagenet: <path>/train and <path>/val class folders; folder: train_path / val_path class folders;
     # fashion_mnist: train/test IDX files in `path` (default /usr/share/datasets/fashion-mnist); webdataset:
-    # labelled tar shards (`cls`) in train_path / val_path (folders, brace patterns or pipe:/URL specs)
+    # labelled tar shards (`cls`) in train_path / val_path (folders, brace patterns or pipe:/URL specs); hf: a
+    # Hugging Face dataset: train_path / val_path, or `path` holding the train and validation splits
     source: str = "imagenet"
     train_path: str = ""
     val_path: str = ""

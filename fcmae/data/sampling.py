@@ -165,7 +165,9 @@ class SeededSamples(Dataset):
         """Item ``index`` up to ``finish`` (seeded), and the base's item behind it (``last_used``)."""
         s = sample_seed(self.seed, self.epoch, index) if self.seed is not None else None
         image, label, skipped = self.base.sample(self.indices[index]) if s is None else self._seeded_item(index, s)
-        used, counts = self.base.last_used, skip_vector(BAD_IMAGE, skipped)
+        # a count of replaced images, or (sources that know more reasons) a per-reason vector
+        used = self.base.last_used
+        counts = skipped if isinstance(skipped, Tensor) else skip_vector(BAD_IMAGE, skipped)
         if self.mask_grid is None:
             return Sample(image, label if self.labelled else -1, counts), used
         mask = sample_mask(s if s is not None else index, self.mask_grid, self.mask_ratio)
