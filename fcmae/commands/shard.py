@@ -42,9 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from fcmae.commands._flags import add_flag
 
     p.add_argument("src", metavar="SRC", nargs="?", help="folder of images (class folders give labels)")
-    p.add_argument("out", metavar="OUT", nargs="?", help="folder for the shards and index.json (empty or new)")
+    p.add_argument("shards_out", metavar="OUT", nargs="?", help="folder for the shards and index.json (empty or new)")
     p.add_argument("--index", metavar="SPEC", help="instead: stream the shards SPEC names once and write their index")
-    p.add_argument("-o", "--output", metavar="PATH", default="index.json", help="--index: where (default index.json)")
+    add_flag(p, "out", "index.json", "index.json (with --index)")
     p.add_argument("--labels", metavar="FIELD", nargs="?", const="", default=None,
                    help="--index: also collect labels (cls, or this field of each json member)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"), help="bytes per shard (default 1GB)")
@@ -62,13 +62,14 @@ def _compute(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.index:
         return _index(args)
-    if not args.src or not args.out:
+    if not args.src or not args.shards_out:
         raise ValueError("give SRC and OUT (a folder of images and a folder for the shards), or --index SPEC")
     if args.max_count < 1:
         raise ValueError(f"--max-count must be >= 1, got {args.max_count}")
-    index = write_shards(args.src, args.out, args.shard_size, args.seed, args.max_count, not args.no_progress)
-    write_json_atomic(Path(args.out) / INDEX_NAME, index)  # last: the shards are complete when it exists
-    return {**index, "index": str(Path(args.out) / INDEX_NAME)}
+    out = args.shards_out
+    index = write_shards(args.src, out, args.shard_size, args.seed, args.max_count, not args.no_progress)
+    write_json_atomic(Path(out) / INDEX_NAME, index)  # last: the shards are complete when it exists
+    return {**index, "index": str(Path(out) / INDEX_NAME)}
 
 
 def _index(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,8 +78,8 @@ def _index(args: argparse.Namespace) -> dict[str, Any]:
     from fcmae.weights.files import write_json_atomic
 
     index = index_remote(args.index, shard_urls(args.index), args.labels is not None, args.labels or "")
-    write_json_atomic(args.output, index)
-    return {**index, "index": str(args.output)}
+    write_json_atomic(args.out, index)
+    return {**index, "index": str(args.out)}
 
 
 def _report(r: dict[str, Any]) -> None:
