@@ -105,8 +105,8 @@ def _one_line_error(stderr: str, *words: str) -> None:
     assert all(w in errors[0] for w in words), errors[0]
 
 
-# every case: at most one set of workers per epoch (a respawn loop starts hundreds)
-MAX_WORKERS = WORKERS * EPOCHS
+# every case: one set of workers per epoch, and room for one helper process (a respawn loop starts hundreds)
+MAX_WORKERS = WORKERS * EPOCHS + 1
 
 
 @pytest.mark.slow

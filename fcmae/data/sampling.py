@@ -224,15 +224,31 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def closing_batches(loader: Iterable[Any]) -> Iterator[Any]:
-    """``loader``'s batches; its worker processes are ended as soon as the iteration ends, breaks or raises.
+    """``loader``'s batches; the DataLoader's worker processes are ended as soon as the iteration raises, and when
+    it ends or breaks.
 
-    Why: an error raised in a worker (a bad image with ``data.on_bad_image=error``) leaves the loader's iterator
+    Why: an error raised in a worker (a bad image with ``data.on_bad_image=error``) leaves the DataLoader's iterator
     referenced by the traceback until interpreter exit; ``multiprocessing`` then terminates the workers itself and
-    PyTorch's SIGCHLD handler turns their deaths into a second, multi-line error after the one-line message."""
+    PyTorch's SIGCHLD handler turns their deaths into a second, multi-line error after the one-line message. The
+    iterator may sit under wrappers (accelerate's, a generator): it is found in the frames the error passed."""
     it = iter(loader)
     try:
         yield from it
+    except BaseException as exc:
+        _end_workers(exc.__traceback__)
+        raise
     finally:
         shutdown = getattr(it, "_shutdown_workers", None) or getattr(it, "close", None)
         if shutdown is not None:
             shutdown()
+
+
+def _end_workers(tb: Any) -> None:
+    """Shut down every multi-process DataLoader iterator found in the frames of traceback ``tb``."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, _MultiProcessingDataLoaderIter):
+                value._shutdown_workers()
+        tb = tb.tb_next
