@@ -16,6 +16,10 @@ images over several rounds (each piece's fastest round kept; see ``measure``):
 - ``finetune``: the fine-tuning training set (timm RandAugment + random erasing) as ``build_finetune_data`` builds it;
 - ``pil_decode``: PIL decode alone (the reference the new path is held against);
 - ``shards``: the same images from WebDataset shards (``data.source=webdataset``), as a run streams them;
+- ``third_party_shards``: the same images in shards written by webdataset's own ``ShardWriter`` (no index.json: the
+  reader sizes them from their tar headers), streamed the same way;
+- ``hf_parquet``: the same images in a Hugging Face parquet dataset written by ``datasets`` (``data.source=hf``,
+  the ``Image`` feature's ``{bytes, path}`` rows), as a run builds it (needs ``fcmae[hf]``);
 - ``gpu_decode_cpu_form``: the ``data.decode=gpu`` path (bytes and crop parameters in the worker, then the batched
   decode and the crops of ``DeviceDecoder``) with the device = this CPU.
 
@@ -93,7 +97,7 @@ class _BaselineSeeded(SeededSamples):
             np.random.seed(s & 0xFFFFFFFF)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s)
-                return self.base[self.indices[index]]
+                return self.base.sample(self.indices[index])
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
@@ -151,27 +155,67 @@ def shard_stream(paths: list[Path], size: int, out: Path) -> Any:
     return ds
 
 
-def measure(paths: list[Path], size: int, rounds: int, shards: Any) -> dict[str, float]:
+def third_party_stream(paths: list[Path], size: int, out: Path) -> Any:
+    """The same images written by webdataset's ``ShardWriter`` (32 per shard, keys ``jpg``; no index.json) and read
+    as a pretraining run reads them."""
+    import webdataset as wds
+
+    out.mkdir()
+    with wds.ShardWriter(str(out / "part-%03d.tar"), maxcount=CHUNK, verbose=0) as sink:
+        for i, p in enumerate(paths):
+            sink.write({"__key__": f"s{i:06d}", "jpg": p.read_bytes()})
+    ds = build_pretrain_train_set(PretrainDataConfig(source="webdataset", path=str(out), input_size=size), 3, 0,
+                                  (size // 32, size // 32), MASK_RATIO)
+    ds.configure(0, 1, 32, 1)
+    return ds
+
+
+def hf_parquet_set(paths: list[Path], size: int, out: Path) -> Any:
+    """The same images in parquet files written by ``datasets`` (2 files), as ``data.source=hf`` builds the
+    pretraining set; None without the ``datasets`` library."""
+    try:
+        import datasets
+    except ImportError:
+        return None
+    os.environ.setdefault("HF_DATASETS_CACHE", str(out / "cache"))
+    rows = datasets.Dataset.from_dict({"image": [{"bytes": p.read_bytes(), "path": p.name} for p in paths]},
+                                      features=datasets.Features({"image": datasets.Image()}))
+    for k in range(2):
+        rows.shard(2, k, contiguous=True).to_parquet(str(out / f"train-{k:05d}-of-00002.parquet"))
+    cfg = PretrainDataConfig(source="hf", path=str(out), input_size=size)
+    return build_pretrain_train_set(cfg, 3, 0, (size // 32, size // 32), MASK_RATIO)
+
+
+def _in_batches(ds: Any) -> Any:
+    """A callable that takes ``ds``'s items at the given indices through a DataLoader, in batches of 32."""
+    return lambda idx: list(DataLoader(Subset(ds, idx), batch_size=32, num_workers=0, collate_fn=collate_samples))
+
+
+def measure(paths: list[Path], size: int, rounds: int, streams: dict[str, Any], maps: dict[str, Any]
+            ) -> dict[str, float]:
     """Images/s of each path: the images are timed in pieces of ``CHUNK``, every path in turn on the same piece,
     ``rounds`` times over; a piece's time is its fastest round (the one least disturbed by other work on the
     host, which stretches single runs by 10-30 % here), and a path's rate is the image count over the sum. A shard
     stream cannot be cut into pieces by index: it is timed in whole passes, one per round (fastest kept)."""
     fns = build_paths(paths, size)
+    fns.update({name: _in_batches(ds) for name, ds in maps.items() if ds is not None})
     pieces = [list(range(i, min(i + CHUNK, len(paths)))) for i in range(0, len(paths), CHUNK)]
     for fn in fns.values():  # warm-up: page cache, lazy imports
         fn(list(range(len(paths))))
     best = {name: [float("inf")] * len(pieces) for name in fns}
-    stream = float("inf")
+    stream = {name: float("inf") for name in streams}
     for _ in range(rounds):
         for k, idx in enumerate(pieces):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn(idx)
                 best[name][k] = min(best[name][k], time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        list(DataLoader(shards, batch_size=32, num_workers=0))
-        stream = min(stream, time.perf_counter() - t0)
-    return {**{name: len(paths) / sum(times) for name, times in best.items()}, "shards": len(shards) / stream}
+        for name, ds in streams.items():
+            t0 = time.perf_counter()
+            list(DataLoader(ds, batch_size=32, num_workers=0))
+            stream[name] = min(stream[name], time.perf_counter() - t0)
+    return {**{name: len(paths) / sum(times) for name, times in best.items()},
+            **{name: len(streams[name]) / t for name, t in stream.items()}}
 
 
 def main() -> None:
@@ -186,7 +230,12 @@ def main() -> None:
         (Path(tmp) / "images").mkdir()
         paths = make_images(Path(tmp) / "images", args.images)
         kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
-        res = measure(paths, args.size, args.rounds, shard_stream(paths, args.size, Path(tmp) / "shards"))
+        tmp_path = Path(tmp)
+        (tmp_path / "hf").mkdir()
+        streams = {"shards": shard_stream(paths, args.size, tmp_path / "shards"),
+                   "third_party_shards": third_party_stream(paths, args.size, tmp_path / "wds")}
+        maps = {"hf_parquet": hf_parquet_set(paths, args.size, tmp_path / "hf")}
+        res = measure(paths, args.size, args.rounds, streams, maps)
     load = os.getloadavg()[0]
     print(f"{args.images} JPEGs (mean {kb:.0f} KB), {args.size} px, 1 thread, num_workers=0, pieces of {CHUNK} "
           f"images timed {args.rounds}x (fastest kept), load average {load:.1f}")
@@ -195,6 +244,9 @@ def main() -> None:
         print(f"| {name} | {ips:.0f} | {ips / res['before']:.2f} |")
     print(f"after / before = {res['after'] / res['before']:.2f}x (target >= 2.5); "
           f"after / PIL decode alone = {res['after'] / res['pil_decode']:.2f} (target >= 0.6)")
+    for name in ("third_party_shards", "hf_parquet"):
+        if name in res:
+            print(f"{name} / folders (after) = {res[name] / res['after']:.2f}x (target >= 0.8)")
     if args.json:
         Path(args.json).write_text(json.dumps({"images_per_s": res, "mean_kb": kb, "load": load}, indent=2))
 

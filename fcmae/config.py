@@ -61,6 +61,13 @@ class DataConfig:
     # data.source=webdataset: the shards' index.json when it is not beside them (e.g. for pipe:/URL shards)
     shard_index: str = ""
     shuffle_buffer: int = 1000  # webdataset: samples shuffled in memory per reader stream
+    # skipped (unreadable) samples may be at most this share of what a run reads, else it stops (1 = never stops)
+    max_skipped_fraction: float = 0.01
+    # webdataset fine-tuning: labels from `cls` (""), or from this field of each sample's `json` (e.g. "label")
+    label_field: str = ""
+    # hf: the columns of the images ({bytes, path} or bytes) and, fine-tuning, of the labels (ImageNet-1k's names)
+    image_column: str = "image"
+    label_column: str = "label"
 
 
 @dataclass
@@ -114,8 +121,10 @@ class RunConfig:
     hang_timeout_s: float = 0.0
 
 
-def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
-    """Range checks of the shared sections (the recipe classes add theirs)."""
+def _validate_common(cfg: Any, task: Literal["pretrain", "finetune"]) -> Any:
+    """Range checks of the shared sections (the recipe classes add theirs); returns the data source's row of
+    ``fcmae.data.sources.SOURCES``."""
+    from fcmae.data.sources import SOURCES, source_names
     from fcmae.models.registry import get_variant
 
     m, d, o, r = cfg.model, cfg.data, cfg.optim, cfg.run
@@ -125,7 +134,8 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
         raise ConfigError(f"model.name: {exc}") from None
     _check(m.in_chans in (1, 3), "model.in_chans", m.in_chans, "must be 1 or 3 (images are decoded to gray or RGB)")
     _check(0.0 <= m.drop_path_rate < 1.0, "model.drop_path_rate", m.drop_path_rate, "must be in [0, 1)")
-    _check(d.source in sources, "data.source", d.source, f"is not one of {list(sources)}")
+    _check(d.source in source_names(task), "data.source", d.source, f"is not one of {source_names(task)}")
+    src = SOURCES[d.source]
     _check(d.input_size > 0 and d.input_size % 32 == 0, "data.input_size", d.input_size,
            "must be a positive multiple of 32")
     lo, hi = d.crop_scale
@@ -134,7 +144,11 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(d.limit >= 0, "data.limit", d.limit, "must be >= 0 (0 = all)")
     _check(d.shuffle_buffer >= 1, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 1")
-    _check(d.source != "webdataset" or d.limit == 0, "data.limit", d.limit, "is not available with webdataset shards")
+    _check(0.0 <= d.max_skipped_fraction <= 1.0, "data.max_skipped_fraction", d.max_skipped_fraction,
+           "must be in [0, 1]")
+    _check(not src.streamed or d.limit == 0, "data.limit", d.limit, f"is not available with data.source={d.source}")
+    _check(src.image_files or not d.file_list, "data.file_list", d.file_list, "lists image files: use it with "
+           "data.source=folder or imagenet")
     _check(o.blr > 0 or (o.lr or 0) > 0, "optim.blr", o.blr, "must be > 0")
     _check(o.lr is None or o.lr > 0, "optim.lr", o.lr, "must be > 0 (or null to use optim.blr)")
     _check(0.0 <= o.min_lr, "optim.min_lr", o.min_lr, "must be >= 0")
@@ -165,6 +179,7 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
     _check(r.output_dir.strip() != "", "run.output_dir", r.output_dir, "must not be empty")
     _check(r.resume in ("", "auto") or not r.overwrite, "run.overwrite", r.overwrite,
            "cannot be combined with run.resume")
+    return src
 
 
 # --------------------------------------------------------------------------------------------- pretraining
@@ -181,7 +196,8 @@ class PretrainModelConfig(ModelConfig):
 class PretrainDataConfig(DataConfig):
     # demo: images shipped in the package; folder: any folder of images (recursive); imagenet: <path>/train;
     # fashion_mnist: IDX files in `path` (default /usr/share/datasets/fashion-mnist); webdataset: tar shards in
-    # `path` (a folder, a brace pattern or a pipe:/URL spec; see fcmae shard)
+    # `path` (a folder, a brace pattern or a pipe:/URL spec; see fcmae shard); hf: a Hugging Face dataset in `path`
+    # (parquet or arrow files, or a save_to_disk folder). The table of sources: fcmae/data/sources.py
     source: str = "imagenet"
     # cpu: workers decode and crop (default); gpu: workers read JPEG bytes and draw the crop, the training device
     # decodes (nvJPEG on CUDA, in one batched call) and crops (folder/imagenet sources; other files on the CPU)
@@ -248,18 +264,17 @@ class PretrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> None:
-        _validate_common(self, ("demo", "folder", "imagenet", "fashion_mnist", "webdataset"))
+        src = _validate_common(self, "pretrain")
         m, d, r = self.model, self.data, self.run
         _check(0.0 <= m.mask_ratio < 1.0, "model.mask_ratio", m.mask_ratio, "must be in [0, 1)")
         _check(m.decoder_depth >= 0, "model.decoder_depth", m.decoder_depth, "must be >= 0")
         _check(m.decoder_embed_dim >= 1, "model.decoder_embed_dim", m.decoder_embed_dim, "must be >= 1")
         _check_mask(m.mask_ratio, d.input_size)
-        _check(d.decode == "cpu" or d.source in ("folder", "imagenet"), "data.decode", d.decode,
+        _check(d.decode == "cpu" or src.image_files, "data.decode", d.decode,
                "gpu decoding reads image files: use it with data.source=folder or imagenet")
         _check(m.use_grn or m.backend == "torch", "model.use_grn", m.use_grn,
                "must be true with model.backend=minkowski (that backend has no GRN-free blocks)")
-        _check(d.source in ("demo", "fashion_mnist") or d.path != "", "data.path", d.path,
-               f"is required for data.source={d.source}")
+        _check(src.path != "required" or d.path != "", "data.path", d.path, f"is required for data.source={d.source}")
         _check(r.export_every_epochs >= 0, "run.export_every_epochs", r.export_every_epochs, "must be >= 0")
         _check(r.num_vis_images >= 1, "run.num_vis_images", r.num_vis_images, "must be >= 1")
         mo = self.monitor
@@ -287,7 +302,8 @@ class FinetuneModelConfig(ModelConfig):
 class FinetuneDataConfig(DataConfig):
     # imagenet: <path>/train and <path>/val class folders; folder: train_path / val_path class folders;
     # fashion_mnist: train/test IDX files in `path` (default /usr/share/datasets/fashion-mnist); webdataset:
-    # labelled tar shards (`cls`) in train_path / val_path (folders, brace patterns or pipe:/URL specs)
+    # labelled tar shards (`cls`) in train_path / val_path (folders, brace patterns or pipe:/URL specs); hf: a
+    # Hugging Face dataset: train_path / val_path, or `path` holding the train and validation splits
     source: str = "imagenet"
     train_path: str = ""
     val_path: str = ""
@@ -358,21 +374,23 @@ class FinetuneConfig:
     run: FinetuneRunConfig = field(default_factory=FinetuneRunConfig)
 
     def validate(self) -> None:
-        _validate_common(self, ("imagenet", "folder", "fashion_mnist", "webdataset"))
+        src = _validate_common(self, "finetune")
         m, d, o, x, r = self.model, self.data, self.optim, self.mixup, self.run
         _check(m.num_classes >= 0, "model.num_classes", m.num_classes, "must be >= 0 (0 = from the data)")
         _check(0.0 < d.crop_pct <= 1.0, "data.crop_pct", d.crop_pct, "must be in (0, 1]")
         _check(0.0 <= d.reprob <= 1.0, "data.reprob", d.reprob, "must be in [0, 1]")
         _check(d.recount >= 1, "data.recount", d.recount, "must be >= 1")
-        if d.source == "imagenet":
-            _check(d.path != "", "data.path", d.path, "is required for data.source=imagenet (<path>/train, /val)")
-        if d.source in ("folder", "webdataset"):
+        split = d.train_path != "" or d.val_path != "" if src.splits == "either" else src.splits == "split"
+        if src.splits == "path" or (src.splits == "either" and not split):
+            _check(d.path != "", "data.path", d.path, f"is required for data.source={d.source} (it holds the splits)"
+                   + (", or data.train_path and data.val_path" if src.splits == "either" else ""))
+        if split:
             _check(d.train_path != "", "data.train_path", d.train_path, f"is required for data.source={d.source}")
             _check(d.val_path != "", "data.val_path", d.val_path, f"is required for data.source={d.source}")
-        if d.source == "webdataset":
+        if src.streamed:
             _check(d.train_fraction == 1.0 and d.labels_per_class == 0 and d.val_limit == 0, "data.train_fraction",
                    (d.train_fraction, d.labels_per_class, d.val_limit),
-                   "label budgets and val_limit are not available with webdataset shards (shard a subset instead)")
+                   f"label budgets and val_limit are not available with data.source={d.source} (make a subset)")
         _check(0.0 < d.train_fraction <= 1.0, "data.train_fraction", d.train_fraction, "must be in (0, 1]")
         _check(d.labels_per_class >= 0, "data.labels_per_class", d.labels_per_class, "must be >= 0")
         _check(d.val_limit >= 0, "data.val_limit", d.val_limit, "must be >= 0")
@@ -396,7 +414,7 @@ TRAINING_KEYS_FREE = frozenset({
     "run.save_every_steps", "run.save_every_epochs", "run.keep_last", "run.log_every", "run.threads",
     "run.progress", "run.export_every_epochs", "run.num_vis_images", "run.eval_batch_size", "run.eval_every_epochs",
     "run.compile", "run.compile_backend", "data.file_list", "data.shard_index", "run.dist_timeout_s",
-    "run.hang_timeout_s",
+    "run.hang_timeout_s", "data.max_skipped_fraction",
 })
 TRAINING_PREFIXES_FREE = ("monitor.",)
 
@@ -418,7 +436,9 @@ def training_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str
     one of them has (a config written by another version) is not a change."""
     a, b = flatten(old), flatten(new)
     # streamed shards are dealt to processes x workers: there the worker count shapes the order of the samples
-    shards = b.get("data.source") == "webdataset"
+    from fcmae.data.sources import SOURCES
+
+    shards = b.get("data.source") in SOURCES and SOURCES[b["data.source"]].streamed
     return [(k, a[k], b[k]) for k in a if k in b and a[k] != b[k] and not k.startswith(TRAINING_PREFIXES_FREE)
             and (k not in TRAINING_KEYS_FREE or (shards and k == "data.num_workers"))]
 

@@ -80,7 +80,7 @@ def test_parsing_and_config_loading_leave_torch_unimported():
 # ------------------------------------------------------------------------------------------- one vocabulary
 TRAIN = ("pretrain", "finetune")
 APPLIES = {  # shared flag -> the commands it applies to
-    "out": (*TRAIN, "diagnose", "visualize"),
+    "out": (*TRAIN, "diagnose", "visualize", "shard"),
     "batch_size": (*TRAIN, "evaluate", "probe", "diagnose"),
     "seed": (*TRAIN, "probe", "diagnose", "visualize", "shard"),
     "mixed_precision": (*TRAIN, "evaluate", "probe", "diagnose"),

@@ -87,9 +87,11 @@ def test_bad_specs_are_one_line_errors(tmp_path: Path) -> None:
         open_shards(str(tmp_path))
     with pytest.raises(DataError, match="2 of 2 shard file"):
         open_shards(str(tmp_path / "s-{0..1}.tar"))
-    (tmp_path / "a.tar").write_bytes(b"")
-    with pytest.raises(DataError, match="index.json"):
+    (tmp_path / "a.tar").write_bytes(b"")  # no index.json: sized from its headers, which hold nothing
+    with pytest.raises(DataError, match="hold no image samples"):
         open_shards(str(tmp_path))
+    with pytest.raises(DataError, match="fcmae shard --index"):  # remote shards are sized by an index written once
+        open_shards("pipe:cat /nowhere/s-{0..1}.tar")
     _class_folders(tmp_path / "src", classes=1, per_class=4)
     assert main(["shard", str(tmp_path / "src"), str(tmp_path / "s"), "--max-count", "2", "--no-progress"]) == 0
     ds = ShardStream(open_shards(str(tmp_path / "s")), _Identity(), in_chans=3)

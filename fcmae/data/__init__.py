@@ -5,60 +5,40 @@
 - :mod:`fcmae.data.transforms`: mean/std and the pretraining, fine-tuning and evaluation transforms
 - :mod:`fcmae.data.sampling`: ``EpochSampler`` and ``SeededSamples`` (per-sample seeds, optional masks)
 - :mod:`fcmae.data.builders`: ``build_pretrain_dataset``, ``build_finetune_data``, label budgets, dataset specs
+- :mod:`fcmae.data.sources`: the table of data sources (``data.source``) and the modules that build them;
+  :mod:`fcmae.data.protocol`: what they implement; :mod:`fcmae.data.policy`: what happens to bad data
+
+The names below are resolved lazily (module ``__getattr__``): ``fcmae.data.sources`` is pure Python, and importing
+it (as ``fcmae.config`` does) must not import torch.
 """
 
-from fcmae.data.builders import (
-    FinetuneData,
-    budget_counts,
-    build_finetune_data,
-    build_pretrain_dataset,
-    build_pretrain_train_set,
-    dataset_targets,
-    first_per_class,
-    labelled_dataset,
-    stratified_subset,
-)
-from fcmae.data.fashion_mnist import (
-    DATASET_DEFAULT_FASHION_MNIST,
-    FASHION_MNIST_CLASSES,
-    DemoImages,
-    DropLabels,
-    FashionMNIST,
-    demo_asset_path,
-    load_fashion_mnist_arrays,
-    make_demo_asset,
-    read_idx,
-)
-from fcmae.data.images import (
-    IMAGE_EXTENSIONS,
-    BadImageError,
-    DataError,
-    ImageFiles,
-    LabeledImageFolder,
-    check_in_chans,
-    find_images,
-    load_image,
-    to_model_mode,
-)
-from fcmae.data.sampling import EpochSampler, Sample, SeededSamples, sample_seed
-from fcmae.data.transforms import (
-    GRAY_MEAN,
-    GRAY_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    build_eval_transform,
-    build_finetune_transform,
-    build_pretrain_transform,
-    mean_std,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "DATASET_DEFAULT_FASHION_MNIST", "FASHION_MNIST_CLASSES", "GRAY_MEAN", "GRAY_STD", "IMAGENET_MEAN", "IMAGENET_STD",
-    "IMAGE_EXTENSIONS", "BadImageError", "DataError", "DemoImages", "DropLabels", "EpochSampler", "FashionMNIST",
-    "FinetuneData", "ImageFiles", "LabeledImageFolder", "SeededSamples", "budget_counts", "build_eval_transform",
-    "build_finetune_data", "build_finetune_transform", "build_pretrain_dataset",
-    "build_pretrain_train_set", "build_pretrain_transform",
-    "check_in_chans", "dataset_targets", "demo_asset_path", "find_images", "first_per_class", "labelled_dataset",
-    "load_fashion_mnist_arrays", "load_image", "make_demo_asset", "mean_std", "read_idx", "Sample", "sample_seed",
-    "stratified_subset", "to_model_mode",
-]
+# public name -> the submodule that defines it
+_API = {
+    "BadImageError": "images", "DATASET_DEFAULT_FASHION_MNIST": "fashion_mnist", "DataError": "images",
+    "DemoImages": "fashion_mnist", "DropLabels": "fashion_mnist", "EpochSampler": "sampling",
+    "FASHION_MNIST_CLASSES": "fashion_mnist", "FashionMNIST": "fashion_mnist", "FinetuneData": "protocol",
+    "GRAY_MEAN": "transforms", "GRAY_STD": "transforms", "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms",
+    "IMAGE_EXTENSIONS": "images", "ImageFiles": "images", "LabeledImageFolder": "images", "Sample": "sampling",
+    "SeededSamples": "sampling", "budget_counts": "builders", "build_eval_transform": "transforms",
+    "build_finetune_data": "builders", "build_finetune_transform": "transforms", "build_pretrain_dataset": "builders",
+    "build_pretrain_train_set": "builders", "build_pretrain_transform": "transforms", "check_in_chans": "images",
+    "dataset_targets": "builders", "demo_asset_path": "fashion_mnist", "find_images": "images",
+    "first_per_class": "builders", "labelled_dataset": "builders", "load_fashion_mnist_arrays": "fashion_mnist",
+    "load_image": "images", "make_demo_asset": "fashion_mnist", "mean_std": "transforms", "read_idx": "fashion_mnist",
+    "sample_seed": "sampling", "stratified_subset": "builders", "to_model_mode": "images",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(f"fcmae.data.{_API[name]}"), name)
+    raise AttributeError(f"module 'fcmae.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

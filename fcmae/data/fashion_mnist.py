@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fcmae.data.images import DataError, Transform, check_in_chans
+from fcmae.data.protocol import SampleBase
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def load_fashion_mnist_arrays(root: str | Path = DATASET_DEFAULT_FASHION_MNIST,
     return images, labels
 
 
-class _GrayArrayDataset(Dataset):
+class _GrayArrayDataset(SampleBase):
     """uint8 gray images kept in memory -> ``(transform(PIL image), label)``."""
 
     images: np.ndarray  # (N, H, W) uint8
@@ -105,6 +106,11 @@ class _GrayArrayDataset(Dataset):
             img = img.convert("RGB")  # the gray channel replicated
         x = self.transform(img) if self.transform is not None else img
         return x, int(self.labels[index])
+
+    def sample(self, index: int) -> tuple[Any, int, int]:
+        """``SampleBase``: ``(image, label, 0)``."""
+        x, label = self[index]
+        return x, label, 0
 
 
 class FashionMNIST(_GrayArrayDataset):
@@ -174,7 +180,7 @@ def make_demo_asset(out_path: str | Path, per_class: int | Sequence[int] = (103,
 
 
 # --------------------------------------------------------------------------------------------- adapters
-class DropLabels(Dataset):
+class DropLabels(SampleBase):
     """``(image, label, ...)`` -> ``(image, 0)``: the pretraining item layout for sets that never skip files."""
 
     def __init__(self, dataset: Dataset) -> None:
@@ -186,4 +192,40 @@ class DropLabels(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.dataset[index][0], 0
 
+    def sample(self, index: int) -> tuple[Any, int, int]:
+        return self.dataset[index][0], -1, 0
 
+
+
+
+# --------------------------------------------------------------------------------------------- the sources
+def demo_pretrain(cfg: Any, in_chans: int, deferred: bool = False) -> SampleBase:
+    """``data.source=demo`` (``fcmae.data.sources``): the embedded set, unlabelled, the first ``data.limit``."""
+    from fcmae.data.transforms import build_pretrain_transform
+
+    tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
+    return _first(DropLabels(DemoImages(tf, in_chans, base_size=max(cfg.input_size, 28))), cfg.limit)
+
+
+def fashion_pretrain(cfg: Any, in_chans: int, deferred: bool = False) -> SampleBase:
+    """``data.source=fashion_mnist`` pretraining: the training split in ``data.path`` (default: Debian's)."""
+    from fcmae.data.transforms import build_pretrain_transform
+
+    tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
+    return _first(DropLabels(FashionMNIST(cfg.path or DATASET_DEFAULT_FASHION_MNIST, "train", tf, in_chans)),
+                  cfg.limit)
+
+
+def fashion_splits(cfg: Any, in_chans: int, train_tf: Any, val_tf: Any) -> tuple[Any, Any, list[str]]:
+    """``data.source=fashion_mnist`` fine-tuning: the train and test IDX files in ``data.path``."""
+    root = cfg.path or DATASET_DEFAULT_FASHION_MNIST
+    return (FashionMNIST(root, "train", train_tf, in_chans), FashionMNIST(root, "test", val_tf, in_chans),
+            list(FashionMNIST.classes))
+
+
+def _first(ds: SampleBase, limit: int) -> SampleBase:
+    from torch.utils.data import Subset
+
+    from fcmae.data.protocol import Items
+
+    return Items(Subset(ds, range(limit))) if 0 < limit < len(ds) else ds  # type: ignore[arg-type]

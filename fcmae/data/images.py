@@ -17,7 +17,8 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+
+from fcmae.data.protocol import SampleBase
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def scan_or_read_file_list(root: str | Path, file_list: str = "") -> list[Path]:
     return find_images(root)
 
 
-class ImageFiles(Dataset):
+class ImageFiles(SampleBase):
     """Unlabeled image files. ``ds[i]`` -> ``(transform(image), n_skipped)``.
 
     With ``on_bad_image="skip"`` an unreadable file ``i`` is replaced by the next readable one (i+1, i+2, ...
@@ -321,6 +322,11 @@ class ImageFiles(Dataset):
         x = self.transform(img) if self.transform is not None else img
         return x, int(used != index % len(self.paths))
 
+    def sample(self, index: int) -> tuple[Any, int, int]:
+        """``SampleBase``: ``(image, -1, n_skipped)``."""
+        x, skipped = self[index]
+        return x, -1, skipped
+
 
 class LabeledImageFolder(ImageFiles):
     """``root/<class>/**/<image>``: labels are the indices of the sorted class folder names (``classes``).
@@ -360,5 +366,9 @@ class LabeledImageFolder(ImageFiles):
         img, used = self._load(index)
         x = self.transform(img) if self.transform is not None else img
         return x, int(self.targets[used]), int(used != index % len(self.paths))
+
+    def sample(self, index: int) -> tuple[Any, int, int]:
+        """``SampleBase``: ``(image, label, n_skipped)``."""
+        return self[index]
 
 

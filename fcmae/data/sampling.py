@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,6 +21,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from fcmae.data.images import BadImageError
+from fcmae.data.policy import BAD_IMAGE, skip_vector
+from fcmae.data.protocol import Items, SampleBase
 from fcmae.models.masking import MASK_RATIO, random_masking
 
 # the generator of the sample being produced (set by SeededSamples around base[...]); DataLoader workers are
@@ -61,12 +63,13 @@ class Sample(NamedTuple):
     """One training item; batched by the DataLoader into the same type with a leading batch axis.
 
     ``image``: ``(C, H, W)``; ``target``: the mask ``(h*w,)`` bool (pretraining, True = removed) or the label
-    (``-1`` for unlabelled data); ``skipped``: how many unreadable files were replaced to produce it.
+    (``-1`` for unlabelled data); ``skipped``: ``(len(REASONS),)`` int64, how many unreadable samples or files were
+    replaced to produce it, per reason (``fcmae.data.policy``).
     """
 
     image: Tensor
     target: Tensor | int
-    skipped: int
+    skipped: Tensor
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -112,9 +115,9 @@ class EpochSampler(Sampler[int]):
 class SeededSamples(Dataset):
     """``base[indices[i]]`` with its augmentation (and optionally a random mask) seeded per sample.
 
-    Items of ``base`` are ``(image, n_skipped)`` (unlabelled) or ``(image, label[, n_skipped])`` (labelled).
-    Output: a ``Sample`` ``(image (C, H, W), label int, n_skipped int)`` with ``label = -1`` for unlabelled data,
-    or with ``mask_grid`` set ``(image, mask (h*w,) bool, n_skipped)`` (pretraining; ``True`` = removed).
+    ``base``: a ``SampleBase`` (any other dataset of ``(image, label, ...)`` items is read through ``Items``).
+    Output: a ``Sample`` ``(image (C, H, W), label int, skipped (R,))`` with ``label = -1`` unless ``labelled``,
+    or with ``mask_grid`` set ``(image, mask (h*w,) bool, skipped)`` (pretraining; ``True`` = removed).
 
     With ``seed`` set, every item's randomness is a function of ``(seed, epoch, index)`` only, so a sample does not
     depend on workers or on what ran before: our transforms draw from ``sample_generator()`` (a NumPy generator
@@ -126,7 +129,7 @@ class SeededSamples(Dataset):
     def __init__(self, base: Dataset, indices: Sequence[int] | None = None, seed: int | None = None,
                  labelled: bool = True, mask_grid: tuple[int, int] | None = None, mask_ratio: float = MASK_RATIO,
                  seed_globals: bool = True, finish: Callable[[Any], Tensor] | None = None) -> None:
-        self.base = base
+        self.base: SampleBase = base if isinstance(base, SampleBase) else Items(base)
         self.indices = list(indices) if indices is not None else list(range(len(base)))  # type: ignore[arg-type]
         self.seed = seed
         self.labelled = labelled
@@ -143,16 +146,15 @@ class SeededSamples(Dataset):
         """The epoch whose augmentation the next iteration draws (not ``set_epoch``: see ``EpochSampler``)."""
         self.epoch = epoch
 
-    def _seeded_item(self, index: int, s: int) -> tuple:
+    def _seeded_item(self, index: int, s: int) -> tuple[Any, int, int]:
         with seeded(s, self.seed_globals):
-            return self.base[self.indices[index]]
+            return self.base.sample(self.indices[index])
 
     def __getitems__(self, indices: list[int]) -> list[Sample]:
-        """A batch, as the DataLoader fetches one; the same items as ``[self[i] for i in indices]``. A base that can
-        (``ImageFiles.fetch``) reads the batch's files first; with ``finish``, every item's first phase runs before
-        any is finished (``fcmae.data.transforms.DecodeCrop`` says why)."""
-        fetch = getattr(self.base, "fetch", None)
-        with fetch([self.indices[i] for i in indices]) if fetch is not None else contextlib.nullcontext():
+        """A batch, as the DataLoader fetches one; the same items as ``[self[i] for i in indices]``. The base reads
+        the batch's raw data first (``fetch``); with ``finish``, every item's first phase runs before any is
+        finished (``fcmae.data.transforms.DecodeCrop`` says why)."""
+        with self.base.fetch([self.indices[i] for i in indices]):
             firsts = [self._first_phase(i) for i in indices]
         return [self._finished(i, *first) for i, first in zip(indices, firsts)]
 
@@ -160,18 +162,16 @@ class SeededSamples(Dataset):
         return self._finished(index, *self._first_phase(index))
 
     def _first_phase(self, index: int) -> tuple[Sample, int]:
-        """Item ``index`` up to ``finish`` (seeded), and the base's file behind it (``last_used``, where known)."""
+        """Item ``index`` up to ``finish`` (seeded), and the base's item behind it (``last_used``)."""
         s = sample_seed(self.seed, self.epoch, index) if self.seed is not None else None
-        item = self.base[self.indices[index]] if s is None else self._seeded_item(index, s)
-        used = getattr(self.base, "last_used", -1)
-        if self.labelled:
-            label, skipped = int(item[1]), int(item[2]) if len(item) > 2 else 0
-        else:
-            label, skipped = -1, int(item[1]) if len(item) > 1 else 0
+        image, label, skipped = self.base.sample(self.indices[index]) if s is None else self._seeded_item(index, s)
+        # a count of replaced images, or (sources that know more reasons) a per-reason vector
+        used = self.base.last_used
+        counts = skipped if isinstance(skipped, Tensor) else skip_vector(BAD_IMAGE, skipped)
         if self.mask_grid is None:
-            return Sample(item[0], label, skipped), used
+            return Sample(image, label if self.labelled else -1, counts), used
         mask = sample_mask(s if s is not None else index, self.mask_grid, self.mask_ratio)
-        return Sample(item[0], mask, skipped), used
+        return Sample(image, mask, counts), used
 
     def _finished(self, index: int, sample: Sample, used: int) -> Sample:
         """``sample`` with ``finish`` applied to its image. A file that fails there goes to the base's ``reject``
@@ -221,3 +221,34 @@ def ignore_stop_signals(worker_id: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+def closing_batches(loader: Iterable[Any]) -> Iterator[Any]:
+    """``loader``'s batches; the DataLoader's worker processes are ended as soon as the iteration raises, and when
+    it ends or breaks.
+
+    Why: an error raised in a worker (a bad image with ``data.on_bad_image=error``) leaves the DataLoader's iterator
+    referenced by the traceback until interpreter exit; ``multiprocessing`` then terminates the workers itself and
+    PyTorch's SIGCHLD handler turns their deaths into a second, multi-line error after the one-line message. The
+    iterator may sit under wrappers (accelerate's, a generator): it is found in the frames the error passed."""
+    it = iter(loader)
+    try:
+        yield from it
+    except BaseException as exc:
+        _end_workers(exc.__traceback__)
+        raise
+    finally:
+        shutdown = getattr(it, "_shutdown_workers", None) or getattr(it, "close", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _end_workers(tb: Any) -> None:
+    """Shut down every multi-process DataLoader iterator found in the frames of traceback ``tb``."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, _MultiProcessingDataLoaderIter):
+                value._shutdown_workers()
+        tb = tb.tb_next

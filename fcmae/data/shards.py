@@ -35,11 +35,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fcmae.data.decode import decode_bytes
 from fcmae.data.images import DataError, class_folders, find_images
+from fcmae.data.policy import BAD_IMAGE, NO_IMAGE, NO_LABEL, TRUNCATED, UNREADABLE, bad_data, skip_vector
+from fcmae.data.protocol import FinetuneData
 from fcmae.data.sampling import Sample, sample_mask, sample_seed, seeded
+from fcmae.data.shard_index import IMAGE_KEYS, classes_of, label_member, read_label, shard_info, shard_name
+from fcmae.data.transforms import ResizeCenterCropU8, ViaPIL, build_finetune_transform, build_pretrain_transform
 from fcmae.models.masking import MASK_RATIO
 
 INDEX_NAME = "index.json"
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _EXT = {".jpeg": "jpg", ".jpg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".tif": "tif",
         ".tiff": "tif", ".gif": "gif"}
 
@@ -110,69 +113,94 @@ def _expand(spec: str) -> list[str]:
     return list(braceexpand(spec))
 
 
-def open_shards(spec: str, index: str = "") -> ShardSet:
-    """Resolve ``spec`` (a folder of .tar files, a brace pattern, a URL or ``pipe:`` spec) with its ``index.json``
-    (``index`` if given, else ``index.json`` in the folder / beside a local pattern)."""
-    local = not spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))
-    folder = Path(spec).expanduser() if local else None
+def is_remote(spec: str) -> bool:
+    return spec.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))
+
+
+def shard_urls(spec: str) -> list[str]:
+    """The shards ``spec`` names: a folder's ``.tar`` files (sorted), or a brace pattern / list expanded; local
+    ones must exist."""
+    folder = None if is_remote(spec) else Path(spec).expanduser()
     if folder is not None and folder.is_dir():
         urls = [str(p) for p in sorted(folder.glob("*.tar"))]
-        index = index or str(folder / INDEX_NAME)
     else:
         urls = _expand(spec)
-        if local:
+        if folder is not None:
             urls = [str(Path(u).expanduser()) for u in urls]
             missing = [u for u in urls if not Path(u).is_file()]
             if missing:
                 raise DataError(f"data.path {spec}: {len(missing)} of {len(urls)} shard file(s) not found "
                                 f"(first: {missing[0]}); give a folder of .tar files, a brace pattern or a pipe: spec")
-            index = index or str(Path(urls[0]).parent / INDEX_NAME)
     if not urls:
         raise DataError(f"no .tar shards in {spec}")
-    if not index or not Path(index).is_file():
-        raise DataError(f"cannot size the shards of {spec}: no {INDEX_NAME} (written by `fcmae shard`) at "
-                        f"{index or '?'}; give its path with data.shard_index=PATH")
-    meta = json.loads(Path(index).read_text())
-    counts_by_name = {s["name"]: int(s["count"]) for s in meta.get("shards", [])}
-    missing = [u for u in urls if _shard_name(u) not in counts_by_name]
-    if missing:
-        raise DataError(f"{len(missing)} shard(s) of {spec} are not in {index} (first: {missing[0]})")
-    return ShardSet(urls, [counts_by_name[_shard_name(u)] for u in urls], meta.get("classes"))
+    return urls
 
 
-def _shard_name(url: str) -> str:
-    """The file name of a shard in a path, URL or ``pipe:`` command (its last token ending in .tar)."""
-    tokens = [t for t in url.replace("/", " ").split() if t.endswith(".tar")]
-    return tokens[-1] if tokens else url
+def open_shards(spec: str, index: str = "", labelled: bool = False, label_field: str = "") -> ShardSet:
+    """Resolve ``spec`` (a folder of .tar files, a brace pattern, a URL or ``pipe:`` spec) and size its shards:
+    from ``index.json`` (``index`` if given, else ``index.json`` in the folder / beside a local pattern) when there
+    is one, else (local shards) from their tar headers (``fcmae.data.shard_index``: cached, img2dataset stats)."""
+    urls = shard_urls(spec)
+    if not index and not is_remote(spec):
+        index = str(Path(urls[0]).parent / INDEX_NAME)
+    if index and Path(index).expanduser().is_file():
+        meta = json.loads(Path(index).expanduser().read_text())
+        counts_by_name = {s["name"]: int(s["count"]) for s in meta.get("shards", [])}
+        missing = [u for u in urls if shard_name(u) not in counts_by_name]
+        if missing:
+            raise DataError(f"{len(missing)} shard(s) of {spec} are not in {index} (first: {missing[0]})")
+        return ShardSet(urls, [counts_by_name[shard_name(u)] for u in urls], meta.get("classes"))
+    if is_remote(spec):
+        raise DataError(f"cannot size the remote shards of {spec} without an index: write one once with `fcmae shard "
+                        f"--index '{spec}' -o index.json` and give data.shard_index=index.json")
+    infos = [shard_info(u, labelled, label_field) for u in urls]
+    if sum(i["count"] for i in infos) == 0:
+        raise DataError(f"the shards of {spec} hold no image samples (members {', '.join(IMAGE_KEYS)})")
+    labels = {v for i in infos for v in i["labels"]}
+    return ShardSet(urls, [i["count"] for i in infos], classes_of(labels) if labelled else None)
 
 
 def decode_sample_image(sample: dict[str, Any], in_chans: int) -> torch.Tensor:
     """The image of a raw webdataset sample -> ``(in_chans, H, W)`` uint8 (``decode_bytes``: libjpeg-turbo, else
     PIL, as for image files)."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None) or next(
-        (k for k in sample if not k.startswith("__") and k != "cls"), None)
+    key = image_key(sample)
     if key is None:
         raise DataError(f"sample {sample.get('__key__')} holds no image (keys {sorted(sample)})")
     return decode_bytes(sample[key], in_chans, name=f"{sample.get('__url__', '')}/{sample.get('__key__')}.{key}")
 
 
+def image_key(sample: dict[str, Any]) -> str | None:
+    """The member of a raw sample that holds its image (``jpg``, ``jpeg``, ``png`` or ``webp``), if any."""
+    return next((k for k in IMAGE_KEYS if k in sample), None)
+
+
 class ShardStream(IterableDataset):
-    """Samples streamed from shards as ``Sample(image uint8 (C, S, S), mask or label, skipped)``.
+    """Samples streamed from shards as ``Sample(image uint8 (C, S, S), mask or label, skipped (R,))``.
 
     ``configure(rank, world, batch_size)`` before iterating (the trainer does); ``use_epoch(e)`` and
     ``skip_batches(k)`` (resume) before each epoch. ``shuffle=False`` (validation): the rank's shards in order,
     every sample once, streams of uneven length (``len`` is then the rank's sample count).
+
+    Damaged data (``fcmae.data.policy``): a sample without an image (or, labelled, without a label) is dropped
+    before the shuffle; a shard that ends early or cannot be read gives the samples it holds; each is one line
+    naming the shard (and key) and is counted in ``skipped``. An image that does not decode is replaced in place
+    by the sample read before it (decoded again with this position's seed; a gray image if that fails too), and a
+    stream that runs dry is padded the same way, so every stream keeps its planned length (equal steps on every
+    rank) and a resumed stream, which reads but does not decode the samples it skips, makes the same samples.
     """
 
     def __init__(self, shards: ShardSet, transform: Callable[[torch.Tensor], torch.Tensor], *, in_chans: int,
                  seed: int = 0, labelled: bool = False, mask_grid: tuple[int, int] | None = None,
-                 mask_ratio: float = MASK_RATIO, shuffle: bool = True, buffer: int = 1000, seed_globals: bool = False
-                 ) -> None:
+                 mask_ratio: float = MASK_RATIO, shuffle: bool = True, buffer: int = 1000, seed_globals: bool = False,
+                 on_bad_image: str = "skip", label_field: str = "") -> None:
         self.shards, self.transform, self.in_chans = shards, transform, in_chans
         self.seed, self.labelled, self.shuffle, self.buffer = seed, labelled, shuffle, buffer
         self.mask_grid, self.mask_ratio, self.seed_globals = mask_grid, mask_ratio, seed_globals
+        self.on_bad_image, self.label_field = on_bad_image, label_field
         self.rank, self.world, self.batch_size, self.num_workers = 0, 1, 1, 1
         self.epoch, self.skip = 0, 0
+        self._lost = skip_vector()  # damage found while reading, not yet attached to a sample
+        self._logged: set[str] = set()
 
     def configure(self, rank: int, world: int, batch_size: int, num_workers: int) -> None:
         self.rank, self.world, self.batch_size, self.num_workers = rank, world, batch_size, max(1, num_workers)
@@ -214,46 +242,148 @@ class ShardStream(IterableDataset):
         # the DataLoader takes batches from workers 0, 1, ... in turn; after skipping k batches the next one is
         # logical stream k % W's, so physical worker p plays logical stream (p + k) % W
         worker = ((info.id if info is not None else 0) + self.skip) % self.num_workers
-        shards = self._deal(self.epoch)[self.rank * self.num_workers + worker]
-        raw = self._raw(shards, self.rank * self.num_workers + worker)
+        stream = self.rank * self.num_workers + worker
+        self._lost = skip_vector()
+        raw = self._raw(self._deal(self.epoch)[stream], stream)
         if not self.shuffle:
-            yield from (self._sample(s) for s in raw)
+            yield from self._positions(raw, None, 0)
             return
         per_stream = self._batches_per_stream(self.epoch) * self.batch_size
         # logical stream w holds this rank's batches w, w + W, w + 2W, ...: it skips those below k
         skip = math.ceil(max(0, self.skip - worker) / self.num_workers) * self.batch_size
-        for n, s in enumerate(raw):
-            if n >= per_stream:
+        yield from self._positions(raw, per_stream, skip)
+
+    def _positions(self, raw: Iterator[dict[str, Any]], limit: int | None, skip: int) -> Iterator[Sample]:
+        """Samples at positions ``skip <= n < limit`` of the stream (``limit`` None: all the stream holds); a
+        stream that runs dry before ``limit`` is padded (see the class docstring)."""
+        n, prev = 0, None
+        for s in raw:
+            if limit is not None and n >= limit:
                 return
             if n >= skip:
-                yield self._sample(s)
+                yield self._sample(s, prev, n)
+            else:
+                self._lost.zero_()  # counted when the samples were trained on, before the checkpoint
+            prev, n = s, n + 1
+        while limit is not None and n < limit:
+            if n >= skip:
+                yield self._sample(None, prev, n)
+            n += 1
 
     def _raw(self, shards: Sequence[int], stream: int) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
-
-        src = wds.tarfile_to_samples()(iter([{"url": self.shards.urls[i]} for i in shards]))
+        src: Iterator[dict[str, Any]] = (s for i in shards for s in self._shard_samples(i))
         if self.shuffle:
+            import webdataset as wds
+
             rng = random.Random(sample_seed(self.seed, self.epoch, -3 - stream))
             src = wds.shuffle(bufsize=self.buffer, initial=min(self.buffer, 100), rng=rng)(src)
         return src
 
-    def _sample(self, s: dict[str, Any]) -> Sample:
-        """Decode and augment one raw sample (seeded by its shard and key); an undecodable image is replaced by the
-        last good sample with ``skipped = 1`` (so every stream keeps its length)."""
-        s_seed = sample_seed(self.seed, self.epoch, zlib.crc32(f"{_shard_name(s.get('__url__', ''))}/"
-                                                               f"{s['__key__']}".encode()))
-        try:
+    def _shard_samples(self, i: int) -> Iterator[dict[str, Any]]:
+        """The samples of shard ``i`` that hold an image (and a label, labelled); what it lacks against its count
+        (a tar cut short or unreadable) is reported once, at its end, and counted."""
+        import webdataset as wds
+
+        url, expected, got, errors = self.shards.urls[i], self.shards.counts[i], 0, []
+        imageless = None  # the last sample without an image: the one a cut tar ends in, if the shard is short
+
+        def handler(exc: Exception) -> bool:
+            if isinstance(exc, FileNotFoundError):  # a shard that vanished is not damaged data: stop (one line)
+                raise DataError(f"shard {url} is gone: {exc}") from None
+            errors.append(exc)
+            return True
+
+        for s in wds.tarfile_to_samples(handler=handler)(iter([{"url": url}])):
+            if imageless is not None:
+                self._damaged(NO_IMAGE, imageless)
+                imageless = None
+            if image_key(s) is None:
+                members = sorted(k for k in s if not k.startswith("__"))
+                imageless = f"shard {url}: sample {s.get('__key__')} holds no image (members {members})"
+                continue
+            got += 1
+            if self.labelled and self._label(s) is None:
+                self._damaged(NO_LABEL, f"shard {url}: sample {s.get('__key__')} holds no label "
+                                        f"({label_member(self.label_field)} {self.label_field})".rstrip())
+                continue
+            yield s
+        if errors or got < expected:
+            what = f"{type(errors[0]).__name__}: {errors[0].args[0]}" if errors else "it ends early"
+            reason = UNREADABLE if errors and got == 0 else TRUNCATED
+            self._damaged(reason, f"shard {url}: {what}; read {got} of its {expected} samples", max(0, expected - got))
+        elif imageless is not None:
+            self._damaged(NO_IMAGE, imageless)
+
+    def _damaged(self, reason: int, message: str, count: int = 1) -> None:
+        bad_data(self.on_bad_image, message, self._logged)
+        self._lost[reason] += count
+
+    def _label(self, s: dict[str, Any]) -> int | None:
+        ext = label_member(self.label_field)
+        value = read_label(s[ext], ext, self.label_field) if ext in s else None
+        if isinstance(value, str):  # a class name: its index among the classes
+            classes = self.shards.classes or []
+            return classes.index(value) if value in classes else None
+        return value
+
+    def _sample(self, s: dict[str, Any] | None, prev: dict[str, Any] | None, n: int) -> Sample:
+        """Decode and augment one raw sample ``s`` at position ``n`` (seeded by its shard and key); one that does
+        not decode, or a padding position (``s`` None), is made from ``prev`` (a gray image if that fails too)."""
+        name = f"{shard_name(s.get('__url__', ''))}/{s['__key__']}" if s is not None else f"pad/{n}"
+        s_seed = sample_seed(self.seed, self.epoch, zlib.crc32(name.encode()))
+        skipped, self._lost = self._lost, skip_vector()
+        image = None
+        for i, cand in enumerate((s, prev)):
+            if cand is None:
+                continue
+            try:
+                with seeded(s_seed, self.seed_globals):
+                    image = self.transform(decode_sample_image(cand, self.in_chans))
+                source = cand
+                break
+            except Exception as exc:  # decoders raise many kinds; the line names the shard and key
+                if i == 0:
+                    self._damaged(BAD_IMAGE, f"cannot decode sample {cand.get('__key__')} of {cand.get('__url__')}: "
+                                             f"{exc}")
+                    skipped, self._lost = skipped + self._lost, skip_vector()
+        if image is None:
+            source = s or prev or {}
             with seeded(s_seed, self.seed_globals):
-                image = self.transform(decode_sample_image(s, self.in_chans))
-        except Exception as exc:
-            if getattr(self, "_last", None) is None:
-                raise DataError(f"cannot decode sample {s.get('__key__')} of {s.get('__url__')}: {exc}") from exc
-            return self._last._replace(skipped=1)
+                image = self.transform(torch.full((self.in_chans, 32, 32), 128, dtype=torch.uint8))
         if self.labelled:
-            target: Any = int(s["cls"])
+            target: Any = self._label(source) if source else 0
         elif self.mask_grid is None:
             target = -1
         else:
             target = sample_mask(s_seed, self.mask_grid, self.mask_ratio)
-        self._last = Sample(image, target, 0)
-        return self._last
+        return Sample(image, target if target is not None else 0, skipped)
+
+
+# --------------------------------------------------------------------------------------------- the source
+def pretrain_stream(cfg: Any, in_chans: int, seed: int, mask_grid: tuple[int, int], mask_ratio: float) -> ShardStream:
+    """``data.source=webdataset`` pretraining (``fcmae.data.sources``): the shards of ``data.path``."""
+    tf = build_pretrain_transform(cfg.input_size, tuple(cfg.crop_scale), cfg.hflip, in_chans)
+    return ShardStream(open_shards(cfg.path, cfg.shard_index), tf, in_chans=in_chans, seed=seed, mask_grid=mask_grid,
+                       mask_ratio=mask_ratio, buffer=cfg.shuffle_buffer, on_bad_image=cfg.on_bad_image)
+
+
+def finetune_streams(cfg: Any, in_chans: int, seed: int) -> FinetuneData:
+    """Labelled shards (``cls``) for training and validation; classes from the training shards' index."""
+    train = open_shards(cfg.train_path, cfg.shard_index, labelled=True, label_field=cfg.label_field)
+    val = open_shards(cfg.val_path, labelled=True, label_field=cfg.label_field)
+    if not train.classes:
+        raise DataError(f"the shards of {cfg.train_path} hold no labels (no `cls` members, or no data.label_field="
+                        f"{cfg.label_field!r} in their `json` members; fcmae shard stores class folders' as `cls`)")
+    if val.classes and val.classes != train.classes and len(val.classes) > len(train.classes):
+        raise DataError(f"the validation shards of {cfg.val_path} hold labels the training shards do not "
+                        f"({len(val.classes)} classes against {len(train.classes)})")
+    tf = build_finetune_transform(cfg.input_size, in_chans, auto_augment=cfg.auto_augment or None,
+                                  color_jitter=cfg.color_jitter, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
+                                  interpolation=cfg.interpolation)
+    bad = {"on_bad_image": cfg.on_bad_image, "label_field": cfg.label_field}
+    train_set = ShardStream(train, ViaPIL(tf), in_chans=in_chans, seed=seed, labelled=True,
+                            buffer=cfg.shuffle_buffer, seed_globals=True, **bad)
+    val.classes = train.classes  # string labels index the training classes
+    val_set = ShardStream(val, ResizeCenterCropU8(cfg.input_size, cfg.crop_pct), in_chans=in_chans, labelled=True,
+                          shuffle=False, **bad)
+    return FinetuneData(train_set, val_set, list(train.classes), train.total, {})

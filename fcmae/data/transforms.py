@@ -280,3 +280,16 @@ class DeviceRandomErasing:
             self._by_device[x.device] = RandomErasing(self.probability, mode=self.mode, max_count=self.count,
                                                       device=str(x.device))
         return self._by_device[x.device](x)
+
+
+class ViaPIL:
+    """``(C, H, W)`` uint8 -> PIL image -> ``transform`` (timm's PIL transforms on decoded shard samples)."""
+
+    def __init__(self, transform: Any) -> None:
+        self.transform = transform
+
+    def __call__(self, x: Any) -> Any:
+        from PIL import Image
+
+        a = x.permute(1, 2, 0).numpy()
+        return self.transform(Image.fromarray(a[..., 0] if a.shape[2] == 1 else a))

@@ -94,7 +94,7 @@ def _keep_file_list(data: Any, train_set: Any) -> None:
     paths = getattr(getattr(train_set, "base", None), "paths", None)
     if dst is None or dst.exists() or paths is None or data.limit:
         return
-    from fcmae.data.builders import pretrain_image_root
+    from fcmae.data.folders import pretrain_image_root
     from fcmae.weights.files import write_text_atomic
 
     root = pretrain_image_root(data)

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from fcmae.data.decode import collate_samples
-from fcmae.data.sampling import EpochSampler, Sample, ignore_stop_signals, shield_workers
+from fcmae.data.policy import add_skipped, check_epoch_complete, skip_counts, skipped_summary
+from fcmae.data.sampling import EpochSampler, Sample, closing_batches, ignore_stop_signals, shield_workers
 from fcmae.train.faults import Faults, peer_failure, process_group_kwargs
 from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
 from fcmae.train.rundir import RunDirError, RunLock, RunStart, open_run, record_segment
@@ -120,14 +121,15 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches (per process) consumed in the current epoch
     images_seen: int = 0
     skipped_files: int = 0  # unreadable files replaced by another one, summed over every batch trained on
+    skipped: list[int] = field(default_factory=skip_counts)  # the same per reason (fcmae.data.policy.REASONS)
     elapsed_s: float = 0.0  # training time of the run so far, over every invocation (``time_s`` of metrics.jsonl)
 
-    def state_dict(self) -> dict[str, float]:
-        return dict(self.__dict__)
+    def state_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()}
 
-    def load_state_dict(self, d: dict[str, float]) -> None:
+    def load_state_dict(self, d: dict[str, Any]) -> None:
         for k, v in d.items():
-            setattr(self, k, float(v) if k == "elapsed_s" else int(v))
+            setattr(self, k, float(v) if k == "elapsed_s" else [int(x) for x in v] if isinstance(v, list) else int(v))
 
 
 class MetricsLogger:
@@ -255,7 +257,7 @@ class _Pending:
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.skipped = torch.zeros(len(skip_counts()), dtype=torch.long, device=device)  # per reason
         self.count = 0
         self.last_loss = torch.full((), math.nan, device=device)
         self.grad_norm: Tensor | None = None
@@ -266,7 +268,7 @@ class _Pending:
         self.bad_step = torch.where(bad, step, self.bad_step)
         self.loss_sum += loss
         self.last_loss = loss
-        self.skipped += skipped.sum()
+        self.skipped += skipped.sum(0)
         self.count += 1
         if out["grad_norm"] is not None:
             self.grad_norm = out["grad_norm"]
@@ -598,12 +600,15 @@ class Trainer:
             self.parts.train_set.skip_batches(st.batch_in_epoch)
             loader = (send_to_device(b, acc.device, non_blocking=True) for b in self.loader)
         batches_per_epoch = s.steps_per_epoch * run.accum_iter
+        loader = closing_batches(loader)  # workers end with the loop, also when a worker raised
         self._window_t, self._window_images = time.perf_counter(), 0  # since the last log line
         for batch in loader:
             if st.batch_in_epoch >= batches_per_epoch:
                 break  # leftover micro-batches that cannot fill an optimizer step
             if self._micro_step(batch) and (st.step >= s.last_step or self._stop_now()):
                 break
+        else:  # the loader ran dry: re-entering the epoch would start workers that find it dry again, in a loop
+            check_epoch_complete(st.batch_in_epoch, batches_per_epoch, epoch)
         if st.batch_in_epoch >= batches_per_epoch:
             st.epoch += 1
             st.batch_in_epoch = 0
@@ -659,7 +664,8 @@ class Trainer:
         p, acc = self.pending, self.accelerator
         if p.count == 0:
             return {"loss": self.last_loss, "grad_norm": None}
-        packed = torch.stack([p.loss_sum, p.last_loss, p.bad_step.float(), p.skipped.float()]).reshape(1, 4)
+        packed = torch.cat([torch.stack([p.loss_sum, p.last_loss, p.bad_step.float(), p.skipped.sum().float()]),
+                            p.skipped.float()]).reshape(1, -1)  # the total, then per reason
         rows = acc.gather(packed).tolist()
         grad_norm = float(p.grad_norm) if p.grad_norm is not None else None
         self.pending = _Pending(acc.device)
@@ -672,6 +678,9 @@ class Trainer:
                 f"checkpoint: {find_latest_checkpoint(self.ckpt_root) or 'none'}. Try a lower optim.blr, "
                 "optim.clip_grad, or fp32.")
         self.state.skipped_files += int(sum(r[3] for r in rows))
+        run, per_epoch = self.cfg.run, self.schedule.steps_per_epoch * self.accelerator.num_processes
+        add_skipped(self.state.skipped, [r[4:] for r in rows], self.state.images_seen,
+                    per_epoch * run.accum_iter * run.batch_size, self.cfg.data.max_skipped_fraction)
         self.last_loss = sum(r[1] for r in rows) / len(rows)
         return {"loss": sum(r[0] for r in rows) / (p.count * len(rows)), "grad_norm": grad_norm}
 
@@ -682,7 +691,8 @@ class Trainer:
         self.window_loss = flushed["loss"]
         self.progress.window(st.step, st.epoch, flushed["loss"], lr, ips, self.elapsed())
         rec = {"step": st.step, "epoch": st.epoch, "loss": flushed["loss"], "lr": lr, "blr": self.schedule.blr,
-               "img_per_s": ips, "images_seen": st.images_seen, "skipped_files": st.skipped_files}
+               "img_per_s": ips, "images_seen": st.images_seen, "skipped_files": st.skipped_files,
+               "skipped": skipped_summary(st.skipped)}
         if flushed["grad_norm"] is not None:
             rec["grad_norm"] = flushed["grad_norm"]
         self.record(rec, "train")
@@ -714,6 +724,7 @@ class Trainer:
             "status": status, "fcmae_version": version, "final_loss": self.window_loss, "steps": st.step,
             "epochs": st.epoch, "time_s": self.elapsed(), "wall_s": wall,
             "img_per_s": self.images_run / max(wall, 1e-9), "skipped_files": st.skipped_files,
+            "skipped": skipped_summary(st.skipped),
             "checkpoint": str(ckpt) if ckpt is not None else None, "metrics": str(self.logger.path),
             "summary": str(self.out_dir / "summary.json"), "config": to_dict(self.cfg),
         })
