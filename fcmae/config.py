@@ -107,6 +107,10 @@ class RunConfig:
     # max-autotune (torch.compile modes; inductor only), with compile_backend (inductor; aot_eager compiles fast)
     compile: str = "no"
     compile_backend: str = "inductor"
+    # activation checkpointing per block (the models' set_grad_checkpointing): keeps each block's input only and
+    # recomputes the block in backward; the same losses and gradients for a fraction of the activation memory, at
+    # the cost of one more forward (benchmarks/memory.py measures both)
+    grad_checkpointing: bool = False
 
 
 def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
@@ -388,7 +392,7 @@ TRAINING_KEYS_FREE = frozenset({
     "data.num_workers", "run.output_dir", "run.resume", "run.overwrite", "run.allow_config_change", "run.max_steps",
     "run.save_every_steps", "run.save_every_epochs", "run.keep_last", "run.log_every", "run.threads",
     "run.progress", "run.export_every_epochs", "run.num_vis_images", "run.eval_batch_size", "run.eval_every_epochs",
-    "run.compile", "run.compile_backend", "data.file_list", "data.shard_index",
+    "run.compile", "run.compile_backend", "data.file_list", "data.shard_index", "run.grad_checkpointing",
 })
 TRAINING_PREFIXES_FREE = ("monitor.",)
 
