@@ -111,6 +111,11 @@ class RunConfig:
     # recomputes the block in backward; the same losses and gradients for a fraction of the activation memory, at
     # the cost of one more forward (benchmarks/memory.py measures both)
     grad_checkpointing: bool = False
+    # GPU settings, no effect on a CPU (fcmae.train.gpu says why these defaults): TF32 matmuls and cuDNN convolutions,
+    # cuDNN's autotuner (a run's shapes are fixed), conv weights stored channels-last
+    tf32: bool = True
+    cudnn_benchmark: bool = True
+    channels_last: bool = True
 
 
 def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
@@ -393,6 +398,7 @@ TRAINING_KEYS_FREE = frozenset({
     "run.save_every_steps", "run.save_every_epochs", "run.keep_last", "run.log_every", "run.threads",
     "run.progress", "run.export_every_epochs", "run.num_vis_images", "run.eval_batch_size", "run.eval_every_epochs",
     "run.compile", "run.compile_backend", "data.file_list", "data.shard_index", "run.grad_checkpointing",
+    "run.tf32", "run.cudnn_benchmark", "run.channels_last",
 })
 TRAINING_PREFIXES_FREE = ("monitor.",)
 

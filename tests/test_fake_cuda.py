@@ -251,3 +251,38 @@ def test_untraceable_parts_say_why(mode):
     with mode, torch.autocast("cuda", dtype=torch.bfloat16):
         assert model(x).dtype == torch.float32
     assert not torch.cuda.is_available()
+
+
+def test_gpu_settings_on_fake_cuda(mode):
+    """``run.tf32``, ``run.cudnn_benchmark``, ``run.channels_last``: set for a CUDA device (conv weights stored
+    channels-last, and the step still traces), nothing on the CPU."""
+    b = torch.backends
+    flags = [(mod, attr, getattr(mod, attr)) for mod, attr in ((b.cuda.matmul, "allow_tf32"),
+                                                                (b.cudnn, "allow_tf32"), (b.cudnn, "benchmark"))]
+    try:
+        _gpu_settings(mode, b)
+    finally:
+        for mod, attr, value in flags:
+            setattr(mod, attr, value)
+
+
+def _gpu_settings(mode: FakeTensorMode, b: Any) -> None:
+    from fcmae.train.gpu import apply_gpu_settings
+
+    cfg = load_config(PretrainConfig, None, PRE)
+    assert (cfg.run.tf32, cfg.run.cudnn_benchmark, cfg.run.channels_last) == (True, True, True)
+    with mode, CUDA:
+        model = build_model(cfg)
+    cpu_model = build_model(cfg)
+    b.cudnn.benchmark = False
+    assert apply_gpu_settings(cpu_model, cfg.run, torch.device("cpu")) == [] and not b.cudnn.benchmark
+    words = apply_gpu_settings(model, cfg.run, CUDA)
+    assert len(words) == 3 and b.cuda.matmul.allow_tf32 and b.cudnn.allow_tf32 and b.cudnn.benchmark
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    recipe, batch = PretrainRecipe(cfg), _pretrain_batch(mode, cfg)
+    loss = trace(mode, lambda: recipe.loss(model, batch))
+    assert loss.shape == ()
+    cfg.run.tf32 = cfg.run.cudnn_benchmark = False
+    apply_gpu_settings(model, cfg.run, CUDA)
+    assert not (b.cuda.matmul.allow_tf32 or b.cudnn.allow_tf32 or b.cudnn.benchmark)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from fcmae.data.decode import collate_samples
 from fcmae.data.sampling import EpochSampler, Sample, ignore_stop_signals, shield_workers
+from fcmae.train.gpu import apply_gpu_settings
 from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
 from fcmae.train.rundir import RunDirError, RunLock, RunStart, open_run, record_segment
 from fcmae.train.stopping import RunInterrupted, StopRequest, signal_name
@@ -428,6 +429,7 @@ class Trainer:
         with self.accelerator.main_process_first():  # e.g. one process scans a folder, the others read its list
             self.parts: RecipeParts = self.recipe.setup()
         o = self.cfg.optim
+        apply_gpu_settings(self.parts.model, run, self.accelerator.device)  # run.tf32/cudnn_benchmark/channels_last
         compile_model(self.parts.model, run.compile, run.compile_backend)
         optimizer = build_optimizer(self.parts.param_groups, o, self.accelerator.device)
         loader = self._loader()
