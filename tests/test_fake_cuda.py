@@ -199,10 +199,21 @@ def test_gpu_decode_crop_after_decode_on_fake_cuda(mode, monkeypatch):
              JpegItem(b"jpeg", (10, 2, 90, 70, 0)),
              JpegItem(None, (0, 0, SIZE, SIZE, 0), ready=torch.zeros(3, SIZE, SIZE, dtype=torch.uint8))]
     decoder = tr.DeviceDecoder(SIZE, 3)
-    # the ready crop arrives from the loader's pinned host memory: moved with the batch (here, before the trace)
-    items[3].ready = _on_device(mode, items[3].ready)
-    out = trace(mode, lambda: decoder(JpegBatch(items), CUDA))
+    items[3].ready = mode.from_tensor(items[3].ready)
+    with mode:  # the loader's device placement: the ready crop moves with the batch, the bytes stay on the host
+        batch = JpegBatch(items).to(CUDA, non_blocking=True)
+    assert items[3].ready.device == CUDA and items[0].data == b"jpeg"
+    out = trace(mode, lambda: decoder(batch, CUDA))
     assert out.shape == (4, 3, SIZE, SIZE) and out.dtype == torch.uint8
+
+
+def test_gpu_decode_batch_pins_its_ready_crops(monkeypatch):
+    """``pin_memory`` (the DataLoader's pin thread, on CUDA) pins the finished crops; the bytes are left alone."""
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self)
+    ready = torch.zeros(3, SIZE, SIZE, dtype=torch.uint8)
+    batch = JpegBatch([JpegItem(b"jpeg", (0, 0, 8, 8, 0)), JpegItem(None, (0, 0, SIZE, SIZE, 0), ready=ready)])
+    assert batch.pin_memory() is batch and len(pinned) == 1 and pinned[0] is ready
 
 
 def _cpu_constant(block_mlp):
