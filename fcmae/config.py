@@ -119,6 +119,15 @@ class RunConfig:
     # median step time, at least 300 s): every process writes its stacks to hang-<rank>.txt and exits with status 4
     dist_timeout_s: float = 600.0
     hang_timeout_s: float = 0.0
+    # activation checkpointing per block (the models' set_grad_checkpointing): keeps each block's input only and
+    # recomputes the block in backward; the same losses and gradients for a fraction of the activation memory, at
+    # the cost of one more forward (benchmarks/memory.py measures both)
+    grad_checkpointing: bool = False
+    # GPU settings, no effect on a CPU (fcmae.train.gpu says why these defaults): TF32 matmuls and cuDNN convolutions,
+    # cuDNN's autotuner (a run's shapes are fixed), conv weights stored channels-last
+    tf32: bool = True
+    cudnn_benchmark: bool = True
+    channels_last: bool = True
 
 
 def _validate_common(cfg: Any, task: Literal["pretrain", "finetune"]) -> Any:
@@ -415,6 +424,7 @@ TRAINING_KEYS_FREE = frozenset({
     "run.progress", "run.export_every_epochs", "run.num_vis_images", "run.eval_batch_size", "run.eval_every_epochs",
     "run.compile", "run.compile_backend", "data.file_list", "data.shard_index", "run.dist_timeout_s",
     "run.hang_timeout_s", "data.max_skipped_fraction",
+    "run.grad_checkpointing", "run.tf32", "run.cudnn_benchmark", "run.channels_last",
 })
 TRAINING_PREFIXES_FREE = ("monitor.",)
 

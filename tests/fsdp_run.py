@@ -12,7 +12,9 @@ then the root) and uses accelerate only for what it does on CPUs (the process gr
 - the pretraining recipe's export (``PretrainRecipe.export``: gather on every rank, plain copy on rank 0) writes an
   ``encoder.safetensors`` equal to the unsharded model's encoder, and a reconstruction figure;
 - sharded save/resume (torch.distributed.checkpoint of model + optimizer, each rank its shards): a resumed model's
-  next step equals the uninterrupted one's.
+  next step equals the uninterrupted one's;
+- activation checkpointing (``set_grad_checkpointing``) inside the sharded blocks, drop path on: the losses and the
+  gathered weights after two steps equal the sharded model's without it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,27 @@ def make_opt(model):
 def worst_diff(a: dict, b: dict) -> float:
     assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))[:5]
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def checkpointing_diff(cfg: PretrainConfig, rank: int, imgs, masks) -> float:
+    """Two sharded copies of a drop-path model, one with activation checkpointing, the same seeded steps (the ranks'
+    drop path differs, each rank's replays): the worst difference of their losses and gathered weights."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.drop_path_rate = 0.3
+    torch.manual_seed(0)
+    base = build_model(cfg)
+    ckpt = copy.deepcopy(base)
+    ckpt.set_grad_checkpointing()
+    models = [shard(base), shard(ckpt)]
+    opts = [make_opt(m) for m in models]
+    worst = 0.0
+    for i, mask in enumerate(masks[:2]):
+        losses = []
+        for m, o in zip(models, opts, strict=True):
+            torch.manual_seed(100 * rank + i)
+            losses.append(step(m, o, imgs, mask))
+        worst = max(worst, abs(float(losses[1] - losses[0])))
+    return max(worst, worst_diff(full_state_dict(models[1]), full_state_dict(models[0])))
 
 
 def main(out: Path) -> None:
@@ -118,6 +141,7 @@ def main(out: Path) -> None:
     step(sharded, opt_s, imgs[part], masks[2][part])
     step(resumed, opt_2, imgs[part], masks[2][part])
     resume_diff = worst_diff(full_state_dict(resumed), full_state_dict(sharded))
+    ckpt_diff = checkpointing_diff(cfg, rank, imgs[part], [m[part] for m in masks])
     if acc.is_main_process:
         from safetensors.torch import load_file
 
@@ -125,7 +149,7 @@ def main(out: Path) -> None:
         ref_enc = {k: v.detach() for k, v in ref.encoder.state_dict().items()}
         json.dump({"world": world, "sharded_halves": halves, "loss_diffs": loss_diffs, "weights_diff": weights_diff,
                    "export_diff": worst_diff(enc, ref_enc), "exported": sorted(written),
-                   "resume_diff": resume_diff}, open(out / "result.json", "w"))
+                   "resume_diff": resume_diff, "checkpointing_diff": ckpt_diff}, open(out / "result.json", "w"))
     acc.wait_for_everyone()
     acc.end_training()
 

@@ -36,3 +36,4 @@ def test_fully_sharded_training_export_and_resume(tmp_path):
     assert res["export_diff"] < 1e-4 and res["exported"] == ["encoder", "figure"]  # the recipe's export
     assert (tmp_path / "reconstruction.png").is_file()
     assert res["resume_diff"] == 0.0  # sharded save + load (torch.distributed.checkpoint), then a step
+    assert res["checkpointing_diff"] <= 1e-6  # activation checkpointing inside the sharded blocks, drop path on

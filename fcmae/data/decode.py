@@ -174,7 +174,10 @@ def decode_jpeg_batch(datas: Sequence[bytes], in_chans: int = 3, device: torch.d
 
 def _decode_or_none(data: bytes, in_chans: int, device: torch.device | str) -> Tensor | None:
     try:
-        return decode_bytes(data, in_chans).to(device)
+        x = decode_bytes(data, in_chans)
+        if torch.device(device).type == "cuda":  # decoded here, in the main process: copy it asynchronously
+            return x.pin_memory().to(device, non_blocking=True)
+        return x.to(device)
     except BadImageError:
         return None
 
@@ -213,10 +216,20 @@ class JpegBatch:
     def __len__(self) -> int:
         return len(self.items)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> JpegBatch:  # noqa: ARG002
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> JpegBatch:
+        """The JPEG bytes stay on the host (the decoder reads them there); the finished crops (``ready``: other
+        formats, odd JPEGs) move with the batch, like any batch tensor (non-blocking from pinned memory)."""
+        for it in self.items:
+            if it.ready is not None:
+                it.ready = it.ready.to(device, non_blocking=non_blocking)
         return self
 
     def pin_memory(self) -> JpegBatch:
+        """The DataLoader's pin-memory thread (on CUDA): the finished crops into pinned memory, so their copy to the
+        device is asynchronous (from pageable memory it would be a synchronous staging copy)."""
+        for it in self.items:
+            if it.ready is not None:
+                it.ready = it.ready.pin_memory()
         return self
 
 

@@ -58,5 +58,6 @@ def _batch_sums(logits: Tensor, labels: Tensor) -> Tensor:
     top = logits.topk(k, dim=1).indices
     hit = top == labels.unsqueeze(1)
     loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
-    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), loss, torch.tensor(labels.numel(), device=loss.device)
-                        ]).double()
+    # the count as a fill on the device: torch.tensor(n, device=...) would copy a host value every batch
+    count = loss.new_full((), labels.numel())
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), loss, count]).double()

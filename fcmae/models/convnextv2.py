@@ -23,7 +23,8 @@ from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from fcmae.models.dwconv import depthwise_conv
-from fcmae.models.registry import get_variant
+from fcmae.models.registry import get_variant, pretrained_cfg
+from fcmae.models.stage import Stage, set_grad_checkpointing
 
 STRIDE = 32  # total stride of the encoder: stem 4 x three 2x downsamples
 _STAGE_RE = re.compile(r"^stages\.(\d+)\.(\d+)\.")
@@ -287,7 +288,7 @@ class ConvNeXtV2Trunk(nn.Module):
         cur = 0
         for i in range(4):
             blocks = [Block(dims[i], rates[cur + j], use_grn=use_grn) for j in range(depths[i])]
-            self.stages.append(nn.Sequential(*blocks))
+            self.stages.append(Stage(blocks))
             cur += depths[i]
         self.num_features = dims[-1]
         # timm's feature_info: what detection/segmentation necks take from a backbone, one entry per stage
@@ -325,8 +326,13 @@ class ConvNeXtV2Trunk(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters without weight decay besides the 1-D ones and biases: none in ConvNeXt V2 (GRN gamma/beta
-        and LayerNorm weights are 1-D)."""
+        and LayerNorm weights are 1-D). timm's ConvNeXt defines none either (its optimizer factory then exempts
+        exactly the 1-D parameters, as ``fcmae.train.trainer.param_groups`` does)."""
         return set()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block in every stage (timm's method; ``fcmae.models.stage``)."""
+        set_grad_checkpointing(self, enable)
 
     def init_weights(self) -> None:
         """Truncated normal (std .02) for conv/linear weights, zero biases; LayerNorm 1/0; GRN 0/0."""
@@ -340,6 +346,8 @@ class ConvNeXtV2Trunk(nn.Module):
 class AdoptedTrunk(nn.Module):
     """Base of the sparse encoders: made from a built ``ConvNeXtV2Trunk`` whose stem, downsample layers and stages
     it adopts (so its parameters are the dense model's, names and shapes), with the trunk's architecture facts."""
+
+    set_grad_checkpointing = ConvNeXtV2Trunk.set_grad_checkpointing
 
     def __init__(self, trunk: ConvNeXtV2Trunk) -> None:
         super().__init__()
@@ -407,6 +415,21 @@ class ConvNeXtV2(ConvNeXtV2Trunk):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's record of the model's data and head (``fcmae.models.registry.pretrained_cfg``; 224 px):
+        ``timm.data.resolve_data_config(model=...)`` reads it, ``classifier`` names ``self.head``."""
+        return pretrained_cfg(self.in_chans, self.num_classes)
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier module (timm's interface)."""
+        return self.head
 
     def reset_classifier(self, num_classes: int, init_std: float = 2e-5) -> None:
         """Replace the head (trunc normal ``init_std``, zero bias), e.g. for fine-tuning on a new label set."""

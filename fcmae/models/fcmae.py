@@ -11,6 +11,7 @@ from fcmae.models.convnextv2 import STRIDE, Block, ConvNeXtV2Trunk, build_trunk,
 from fcmae.models.masking import MASK_RATIO, kept_indices, num_kept, random_masking
 from fcmae.models.registry import canonical_name
 from fcmae.models.sparse import SparseConvNeXtV2, tokens_to_grid
+from fcmae.models.stage import Stage, set_grad_checkpointing
 
 
 def patchify(imgs: Tensor, patch_size: int = STRIDE) -> Tensor:
@@ -103,9 +104,14 @@ class FCMAE(nn.Module):
         self.encoder = encoder
         self.proj = nn.Linear(encoder.num_features, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
-        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, use_grn=encoder.use_grn) for _ in range(decoder_depth)])
+        self.decoder = Stage(Block(decoder_embed_dim, use_grn=encoder.use_grn) for _ in range(decoder_depth))
         self.pred = nn.Linear(decoder_embed_dim, STRIDE * STRIDE * self.in_chans)
         self._init_decoder()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block in the encoder's stages and the decoder (``fcmae.models.stage``)."""
+        self.encoder.set_grad_checkpointing(enable)
+        set_grad_checkpointing(self.decoder, enable)
 
     def _init_decoder(self) -> None:
         nn.init.normal_(self.mask_token, std=0.02)
@@ -165,11 +171,8 @@ class FCMAE(nn.Module):
         x = tokens_to_grid(z, keep, h, w, fill=self.mask_token)  # (N, L, D)
         n, _, d = x.shape
         x = x.reshape(n, h, w, d).permute(0, 3, 1, 2)  # channels_last NCHW view
-        blocks = list(self.decoder)
-        if rows is not None and blocks:
-            for blk in blocks[:-1]:
-                x = blk(x)
-            return blocks[-1](x, rows=rows)  # through __call__: module hooks (FSDP) run
+        if rows is not None and len(self.decoder):
+            return self.decoder(x, last={"rows": rows})  # every block through __call__: module hooks (FSDP) run
         x = self.decoder(x).permute(0, 2, 3, 1).reshape(n, h * w, d)
         return x if rows is None else gather_rows(x, rows)
 

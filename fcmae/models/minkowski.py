@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fcmae.models.convnextv2 import GRN, STRIDE, AdoptedTrunk, Block, ConvNeXtV2Trunk, check_image_size, gather_rows
+from fcmae.models.stage import Stage, set_grad_checkpointing
 
 INSTALL_HINT = "scripts/install_minkowski.sh"
 SparseTensor = Any  # MinkowskiEngine.SparseTensor (the library is optional, so not imported for annotations)
@@ -256,7 +257,7 @@ class _OfficialLayout(nn.Module):
                                               dimension=2)
             bound = _BoundConv(me_conv, conv, depthwise=False)
             self.downsample_layers.append(nn.Sequential(_SparseLayerNorm(ln), bound))
-        self.stages = nn.ModuleList(nn.ModuleList(_SparseBlock(blk, me) for blk in stage) for stage in trunk.stages)
+        self.stages = nn.ModuleList(Stage(_SparseBlock(blk, me) for blk in stage) for stage in trunk.stages)
 
 
 # --- the encoder --------------------------------------------------------------------------------------------------
@@ -277,6 +278,11 @@ class MinkowskiConvNeXtV2(AdoptedTrunk):
             raise ValueError("use_grn=False (model.use_grn=false) is not available with the minkowski backend")
         super().__init__(trunk)
         object.__setattr__(self, "official", _OfficialLayout(trunk, me))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block of the MinkowskiEngine stages (``self.official``, not a registered
+        child); their blocks take and return SparseTensors, which ``torch.utils.checkpoint`` passes through."""
+        set_grad_checkpointing(self.official, enable)
 
     def _to_sparse(self, imgs: Tensor, keep: Tensor) -> SparseTensor:
         """Dense stem on the whole image; its ``(N, C0, H/4, W/4)`` output at the visible positions becomes a sparse
@@ -318,8 +324,7 @@ class MinkowskiConvNeXtV2(AdoptedTrunk):
             for i in range(4):
                 if i > 0:
                     x = self.official.downsample_layers[i](x)
-                for blk in self.official.stages[i]:
-                    x = blk(x, n)
+                x = self.official.stages[i](x, n)
         return self._to_tokens(x, keep, height // STRIDE, width // STRIDE)
 
 

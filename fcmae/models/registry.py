@@ -9,6 +9,7 @@ read these records instead of restating them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # key of the stem convolution weight ``(C0, in_chans, 4, 4)`` in our dense layout (adapted for other in_chans)
 STEM_KEY = "downsample_layers.0.0.weight"
@@ -82,6 +83,33 @@ def mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if in_chans == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     return GRAY_MEAN * in_chans, GRAY_STD * in_chans
+
+
+# timm's names of the stem conv and the classifier (``stem.0``, ``head.fc``), for records in timm's layout
+TIMM_FIRST_CONV, TIMM_CLASSIFIER = "stem.0", "head.fc"
+# the evaluation transform the official fine-tuning and timm use for ConvNeXt V2 at 224 px (resize to size /
+# crop_pct, bicubic, centre crop)
+CROP_PCT, INTERPOLATION = 0.875, "bicubic"
+
+
+def pretrained_cfg(in_chans: int = 3, num_classes: int = 1000, image_size: int = 224, crop_pct: float = CROP_PCT,
+                   layout: str = "dense") -> dict[str, Any]:
+    """The model's data and head record in timm's ``pretrained_cfg`` shape (what ``timm.data.resolve_data_config``
+    and ``model.get_classifier`` users read): input size, pool size, crop, interpolation, mean/std, first conv and
+    classifier names, num_classes. ``layout``: ``"dense"`` names our modules (``ConvNeXtV2.pretrained_cfg``),
+    ``"timm"`` timm's (the exported timm folder's ``config.json``). The same for every variant (timm's are too)."""
+    if layout not in ("dense", "timm"):
+        raise ValueError(f"layout must be 'dense' or 'timm', got {layout!r}")
+    mean, std = mean_std(in_chans)
+    dense = layout == "dense"
+    return {
+        "num_classes": num_classes, "input_size": (in_chans, image_size, image_size),
+        "pool_size": (image_size // 32, image_size // 32), "crop_pct": crop_pct, "crop_mode": "center",
+        "interpolation": INTERPOLATION, "mean": tuple(mean), "std": tuple(std),
+        "first_conv": STEM_KEY.rsplit(".", 1)[0] if dense else TIMM_FIRST_CONV,
+        "classifier": HEAD_KEYS[0].rsplit(".", 1)[0] if dense else TIMM_CLASSIFIER,
+        "fixed_input_size": False, "custom_load": False,
+    }
 
 
 def num_kept(num_cells: int, mask_ratio: float) -> int:

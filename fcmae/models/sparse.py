@@ -158,6 +158,9 @@ class _StageConv:
 
     def __init__(self, ctx: SparseContext, r: int) -> None:
         self.ctx, self.r = ctx, r
+        # built here, before the stage runs: a block recomputed under activation checkpointing (or traced inside
+        # torch.compile's checkpoint region) then only reads the cache, and never mutates state there
+        ctx.index(r)
 
     def __call__(self, x: Tensor, conv: nn.Conv2d) -> Tensor:
         return sparse_dwconv(x, conv, self.ctx, self.r)
@@ -213,9 +216,7 @@ class SparseConvNeXtV2(AdoptedTrunk):
             r = 8 >> i
             if i > 0:
                 x = self._downsample(x, self.downsample_layers[i])
-            conv = _StageConv(ctx, r)
-            for blk in self.stages[i]:
-                x = blk(x, sparse_dwconv=conv)
+            x = self.stages[i](x, sparse_dwconv=_StageConv(ctx, r))
         return x
 
 

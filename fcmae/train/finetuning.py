@@ -140,6 +140,7 @@ class FinetuneRecipe(RecipeBase):
         if cfg.run.linear_probe:
             enable_linear_probe(model)
         model.layer_decay_type = o.layer_decay_type  # the rule timm's layer decay reads off group_matcher
+        model.set_grad_checkpointing(cfg.run.grad_checkpointing)
         self.mixup_fn, self.criterion = build_mixup_and_loss(cfg.mixup, self.num_classes)
         self.normalize = DeviceNormalize(*mean_std(m.in_chans))
         self.erase = DeviceRandomErasing(cfg.data.reprob, cfg.data.remode, cfg.data.recount)

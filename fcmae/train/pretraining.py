@@ -123,6 +123,7 @@ class PretrainRecipe(RecipeBase):
                                                   cfg.model.mask_ratio)
         _keep_file_list(cfg.data, self.train_set)
         model = build_model(cfg)
+        model.set_grad_checkpointing(cfg.run.grad_checkpointing)
         return RecipeParts(model, self.train_set, param_groups(model, cfg.optim.weight_decay))
 
     def after_prepare(self, ctx: TrainContext) -> None:

@@ -28,6 +28,7 @@ from fcmae.data.decode import collate_samples
 from fcmae.data.policy import add_skipped, check_epoch_complete, skip_counts, skipped_summary
 from fcmae.data.sampling import EpochSampler, Sample, closing_batches, ignore_stop_signals, shield_workers
 from fcmae.train.faults import Faults, peer_failure, process_group_kwargs
+from fcmae.train.gpu import apply_gpu_settings
 from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
 from fcmae.train.rundir import RunDirError, RunLock, RunStart, open_run, record_segment
 from fcmae.train.stopping import EXIT_NONFINITE, FatalRunError, RunInterrupted, StopRequest, signal_name
@@ -435,6 +436,7 @@ class Trainer:
         with self.accelerator.main_process_first():  # e.g. one process scans a folder, the others read its list
             self.parts: RecipeParts = self.recipe.setup()
         o = self.cfg.optim
+        apply_gpu_settings(self.parts.model, run, self.accelerator.device)  # run.tf32/cudnn_benchmark/channels_last
         compile_model(self.parts.model, run.compile, run.compile_backend)
         optimizer = build_optimizer(self.parts.param_groups, o, self.accelerator.device)
         loader = self._loader()

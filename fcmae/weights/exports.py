@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fcmae.models.registry import get_variant, mean_std
+from fcmae.models.registry import CROP_PCT, get_variant, pretrained_cfg
 from fcmae.weights.files import save_folder, save_state_dict
 from fcmae.weights.layouts import ConversionError, dense_to_timm, dense_to_transformers, infer_in_chans
 
@@ -56,12 +56,7 @@ def _num_classes(dense: Mapping[str, Tensor]) -> int:
     return int(head.shape[0]) if head is not None else 0
 
 
-def _mean_std(in_chans: int) -> tuple[list[float], list[float]]:
-    mean, std = mean_std(in_chans)
-    return list(mean), list(std)
-
-
-def timm_config(variant: str, dense: Mapping[str, Tensor], image_size: int = 224, crop_pct: float = 0.875
+def timm_config(variant: str, dense: Mapping[str, Tensor], image_size: int = 224, crop_pct: float = CROP_PCT
                 ) -> dict[str, Any]:
     """``config.json`` for ``timm.create_model("local-dir:...")`` (what timm's ``save_config_for_hf`` writes).
 
@@ -77,15 +72,11 @@ def timm_config(variant: str, dense: Mapping[str, Tensor], image_size: int = 224
         model_args.update(depths=list(spec.depths), dims=list(spec.dims))
     if in_chans != 3:
         model_args["in_chans"] = in_chans
-    mean, std = _mean_std(in_chans)
-    pretrained_cfg = {
-        "num_classes": num_classes, "input_size": [in_chans, image_size, image_size],
-        "pool_size": [image_size // 32, image_size // 32], "crop_pct": crop_pct, "crop_mode": "center",
-        "interpolation": "bicubic", "mean": mean, "std": std, "first_conv": "stem.0", "classifier": "head.fc",
-        "fixed_input_size": False, "custom_load": False,
-    }
+    # the model's own record (ConvNeXtV2.pretrained_cfg) in timm's names, JSON lists for tuples
+    cfg = pretrained_cfg(in_chans, num_classes, image_size, crop_pct, layout="timm")
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
     config = {"architecture": arch, "num_classes": num_classes, "num_features": spec.dims[-1],
-              "global_pool": "avg", "pretrained_cfg": pretrained_cfg}
+              "global_pool": "avg", "pretrained_cfg": cfg}
     if model_args:
         config["model_args"] = model_args
     return config
