@@ -174,16 +174,23 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.batch_size, self.num_workers = 0, 1, 1, 1
         self.epoch, self.skip = 0, 0
 
-    def configure(self, rank: int, world: int, batch_size: int, num_workers: int) -> None:
+    def configure(self, rank: int, world: int, batch_size: int, num_workers: int) -> str | None:
+        """Returns a note when fewer shards than streams cap the workers per process (``self.num_workers``: what
+        the DataLoader must use); a stream per process is the least, else a ``DataError``."""
         self.rank, self.world, self.batch_size, self.num_workers = rank, world, batch_size, max(1, num_workers)
+        n, note = len(self.shards.urls), None
+        if self.shuffle and world <= n < world * self.num_workers:  # (validation streams may be empty)
+            note = (f"{n} shards feed at most {n // world} data worker(s) per process: data.num_workers "
+                    f"{num_workers} -> {n // world}")
+            self.num_workers = n // world
+        if self.shuffle and n < world * self.num_workers:
+            raise DataError(f"{n} shards cannot feed {world} process(es); write smaller shards (fcmae shard "
+                            "--shard-size)")
         streams = world * self.num_workers
-        if self.shuffle and len(self.shards.urls) < streams:  # (validation streams may be empty)
-            raise DataError(f"{len(self.shards.urls)} shards cannot feed {world} process(es) x {self.num_workers} "
-                            "data worker(s); write smaller shards (fcmae shard --shard-size) or lower "
-                            "data.num_workers")
         if self.shuffle and self._batches_per_stream(0) == 0:
             raise DataError(f"the smallest of {streams} shard streams holds fewer than one batch "
                             f"({self.batch_size}); lower run.batch_size or write fewer, larger shards")
+        return note
 
     def use_epoch(self, epoch: int) -> None:
         self.epoch, self.skip = epoch, 0

@@ -373,9 +373,11 @@ class Trainer:
         if isinstance(ds, torch.utils.data.IterableDataset):
             # shards: the stream deals them to processes and workers itself and gives every rank the same number of
             # batches; the loader is not prepared by accelerate (whose iterable splitting would read everything)
-            ds.configure(acc.process_index, acc.num_processes, run.batch_size, self.cfg.data.num_workers)
+            if note := ds.configure(acc.process_index, acc.num_processes, run.batch_size, self.cfg.data.num_workers):
+                self.say(note)
             self.sampler = None
-            return torch.utils.data.DataLoader(ds, batch_size=run.batch_size, num_workers=self.cfg.data.num_workers,
+            workers = min(self.cfg.data.num_workers, ds.num_workers)  # fewer shards than workers: capped
+            return torch.utils.data.DataLoader(ds, batch_size=run.batch_size, num_workers=workers,
                                                pin_memory=pin, persistent_workers=False,
                                                worker_init_fn=ignore_stop_signals)
         n = len(ds)
