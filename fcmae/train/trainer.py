@@ -119,6 +119,12 @@ class TrainState:
     skipped_files: int = 0  # unreadable files replaced by another one, summed over every batch trained on
     elapsed_s: float = 0.0  # training time of the run so far, over every invocation (``time_s`` of metrics.jsonl)
 
+    @property
+    def epoch_number(self) -> int:
+        """The epoch the last step belongs to, counted from 1 as every line and record counts epochs (``epoch 1/3
+        done``, ``eval after epoch 1``, ``epoch`` in metrics.jsonl); 0 before the first step."""
+        return self.epoch + (1 if self.batch_in_epoch else 0)
+
     def state_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
 
@@ -419,7 +425,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RunDirError(f"run.resume: cannot load checkpoint {path} into this run ({msg})") from None
-        self.say(f"resumed from {path} (epoch {self.state.epoch}, step {self.state.step})")
+        self.say(f"resumed from {path} (step {self.state.step}, epoch {self.state.epoch_number})")
 
     def _setup(self) -> None:
         run = self.cfg.run
@@ -673,8 +679,8 @@ class Trainer:
         flushed = self._flush()
         ips = self._window_images / max(now - self._window_t, 1e-9)
         self.window_loss = flushed["loss"]
-        self.progress.window(st.step, st.epoch, flushed["loss"], lr, ips, self.elapsed())
-        rec = {"step": st.step, "epoch": st.epoch, "loss": flushed["loss"], "lr": lr, "blr": self.schedule.blr,
+        self.progress.window(st.step, st.epoch_number, flushed["loss"], lr, ips, self.elapsed())
+        rec = {"step": st.step, "epoch": st.epoch_number, "loss": flushed["loss"], "lr": lr, "blr": self.schedule.blr,
                "img_per_s": ips, "images_seen": st.images_seen, "skipped_files": st.skipped_files}
         if flushed["grad_norm"] is not None:
             rec["grad_norm"] = flushed["grad_norm"]
