@@ -212,3 +212,14 @@ def test_shard_example_runs_with_the_config_default_workers(tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr[-3000:]
     assert "5 shards feed at most 5 data worker(s) per process: data.num_workers 10 -> 5" in r.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
+
+
+def test_shard_prints_plain_lines_when_not_on_a_terminal(tmp_path: Path) -> None:
+    """Into a log or a pipe: one plain line per shard written, no progress bar and no carriage return."""
+    _class_folders(tmp_path / "src", classes=2, per_class=8)
+    r = subprocess.run([sys.executable, "-m", "fcmae", "shard", str(tmp_path / "src"), str(tmp_path / "s"),
+                        "--max-count", "8"], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "\r" not in r.stdout
+    assert r.stderr.splitlines() == ["shards: shard-000000.tar written, 8/16 images",
+                                     "shards: shard-000001.tar written, 16/16 images"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -79,12 +80,19 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 1 << 30, se
         raise DataError(f"{out} already holds shards; choose an empty folder")
     order = np.random.default_rng(seed).permutation(len(files))
     pattern = str(out / "shard-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=shard_size, verbose=0) as sink:
-        for n, i in enumerate(tqdm(order, desc="shards", unit="img", disable=not progress)):
+    done = [0]  # images written so far, for the plain lines
+    # on a terminal a bar; in a log or a pipe no carriage returns: one plain line per shard written
+    bar, post = progress and sys.stderr.isatty(), None
+    if progress and not bar:
+        def post(name: str) -> None:
+            print(f"shards: {Path(name).name} written, {done[0]}/{len(files)} images", file=sys.stderr, flush=True)
+    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=shard_size, verbose=0, post=post) as sink:
+        for n, i in enumerate(tqdm(order, desc="shards", unit="img", disable=not bar)):
             sample = {"__key__": f"{n:08d}", _EXT.get(files[i].suffix.lower(), "jpg"): files[i].read_bytes()}
             if labels is not None:
                 sample["cls"] = labels[i]
             sink.write(sample)
+            done[0] = n + 1
     shards = sorted(out.glob("shard-*.tar"))
     return {"format": "fcmae-shards/1", "samples": len(files), "seed": seed, "source": str(src), "classes": classes,
             "shards": [{"name": p.name, "count": _count_shard(p)} for p in shards]}
