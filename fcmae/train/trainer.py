@@ -287,9 +287,13 @@ class Progress:
     (global step / last step, loss, lr, images/s, the run's ETA); otherwise no bar (no carriage returns) but one
     plain line per log window: ``step N/TOTAL epoch E loss L lr LR I img/s elapsed T eta T``."""
 
+    RECENT = 50  # steps the ETA is measured over: the pace now, not the start-up's (workers, first batches)
+
     def __init__(self, enabled: bool, start_step: int, last_step: int) -> None:
+        from collections import deque
+
         self.enabled, self.start, self.last = enabled, start_step, last_step
-        self.t0 = time.perf_counter()
+        self.marks: deque[tuple[float, int]] = deque(maxlen=self.RECENT + 1)  # (time, step) of recent steps
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -298,11 +302,16 @@ class Progress:
                             file=sys.stderr)
 
     def eta(self, step: int) -> float | None:
-        """Seconds to the last step at this invocation's pace so far."""
-        done = step - self.start
-        return (time.perf_counter() - self.t0) / done * (self.last - step) if done > 0 else None
+        """Seconds to the last step at the pace of the last ``RECENT`` steps (None before two steps)."""
+        if len(self.marks) < 2:
+            return None
+        (t0, s0), (t1, s1) = self.marks[0], self.marks[-1]
+        return (t1 - t0) / max(s1 - s0, 1) * (self.last - step)
 
-    def step(self) -> None:
+    def step(self, step: int | None = None) -> None:
+        """One optimizer step done (``step``: the global step it reached)."""
+        if step is not None:
+            self.marks.append((time.perf_counter(), step))
         if self.bar is not None:
             self.bar.update(1)
 
@@ -630,7 +639,7 @@ class Trainer:
         if not out["stepped"]:
             return False
         st.step += 1
-        self.progress.step()
+        self.progress.step(st.step)
         self.recipe.after_step(self.ctx)
         if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
             self._log_step(lr)
@@ -714,6 +723,7 @@ class Trainer:
             "epochs": st.epoch, "time_s": self.elapsed(), "wall_s": wall,
             "img_per_s": self.images_run / max(wall, 1e-9), "skipped_files": st.skipped_files,
             "checkpoint": str(ckpt) if ckpt is not None else None, "metrics": str(self.logger.path),
+            "resumed_from": str(self.resumed_from) if self.resumed_from is not None else None,
             "summary": str(self.out_dir / "summary.json"), "config": to_dict(self.cfg),
         })
         self.summary = strict_json_value(self.summary)
