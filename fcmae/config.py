@@ -107,6 +107,23 @@ class RunConfig:
     # max-autotune (torch.compile modes; inductor only), with compile_backend (inductor; aot_eager compiles fast)
     compile: str = "no"
     compile_backend: str = "inductor"
+    # experiment trackers through accelerate: a list or one name (tensorboard, wandb, mlflow, aim, comet_ml, clearml,
+    # dvclive, swanlab, trackio; none = [] or "none"); the same records as metrics.jsonl, the config as hyperparameters
+    log_with: Any = field(default_factory=list)
+    run_name: str = ""  # the tracker's run name ("" = the output folder's name)
+    project: str = "fcmae"  # the tracker's project (W&B), experiment (MLflow, Aim), folder (TensorBoard)
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def _trackers(value: Any) -> list[str]:
+    """``run.log_with`` -> a list of tracker names (a name, a comma list or a list; none, "" or [] -> [])."""
+    names = value.split(",") if isinstance(value, str) else list(value or [])
+    out = [str(n).strip().lower() for n in names if str(n).strip() and str(n).strip().lower() != "none"]
+    for n in out:
+        _check(n in TRACKERS, "run.log_with", value, f"names {n!r}, not one of {list(TRACKERS)} (or none)")
+    return list(dict.fromkeys(out))
 
 
 def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
@@ -156,6 +173,7 @@ def _validate_common(cfg: Any, sources: tuple[str, ...]) -> None:
            "is an inductor mode: it needs run.compile_backend=inductor (other backends take run.compile=default)")
     _check(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0 = the library default)")
     _check(r.output_dir.strip() != "", "run.output_dir", r.output_dir, "must not be empty")
+    r.log_with = _trackers(r.log_with)
     _check(r.resume in ("", "auto") or not r.overwrite, "run.overwrite", r.overwrite,
            "cannot be combined with run.resume")
 
@@ -388,7 +406,8 @@ TRAINING_KEYS_FREE = frozenset({
     "data.num_workers", "run.output_dir", "run.resume", "run.overwrite", "run.allow_config_change", "run.max_steps",
     "run.save_every_steps", "run.save_every_epochs", "run.keep_last", "run.log_every", "run.threads",
     "run.progress", "run.export_every_epochs", "run.num_vis_images", "run.eval_batch_size", "run.eval_every_epochs",
-    "run.compile", "run.compile_backend", "data.file_list", "data.shard_index",
+    "run.compile", "run.compile_backend", "data.file_list", "data.shard_index", "run.log_with", "run.run_name",
+    "run.project",
 })
 TRAINING_PREFIXES_FREE = ("monitor.",)
 

@@ -14,7 +14,11 @@ from typing import Any
 # files and folders that mean an output folder holds a run (the guard in ``fcmae.train.rundir``)
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "encoder.safetensors",
                "best.safetensors", "last.safetensors", "last_ema.safetensors", "reconstruction.png", "tensorboard",
-               "wandb", "mlruns", "tracking.json", "report.html", "report")
+               "trackers", "figures", "tracking.json", "report.html", "report")
+# run.log_with name -> the module it needs (accelerate drops a tracker whose package is missing without a word)
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
+                   "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                   "trackio": "trackio"}
 
 
 class PreflightError(ValueError):
@@ -60,6 +64,12 @@ def preflight(cfg: Any) -> None:
     problem = output_dir_problem(Path(cfg.run.output_dir).absolute(), cfg.run.resume, cfg.run.overwrite)
     if problem:
         raise PreflightError(problem)
+    import importlib.util
+
+    for name in cfg.run.log_with:
+        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            raise PreflightError(f"run.log_with: {name} is not installed (pip install {name}, or "
+                                 f"pip install 'fcmae[trackers]')")
     for key, value in _paths(cfg):
         p = _local(value)
         if p is not None and not p.exists():

@@ -3,15 +3,14 @@
 The trainer owns devices and mixed precision, the output folder (locked for the run) and the merged config, the
 seeded data loader, AdamW with the recipe's parameter groups, the warmup + cosine schedule (sized in epochs or
 steps), gradient accumulation and clipping, the non-finite-loss stop, the stop on a signal (SIGTERM, SIGINT,
-SIGUSR1: a checkpoint at the step reached, ``RunInterrupted``), resume, checkpoint cadence, metrics (JSONL,
-TensorBoard when installed), the progress bar and the final ``summary.json``. A :class:`Recipe` says only what
-differs: the model, the data, the parameter groups, the loss of one batch, and what happens after a step, at an epoch
-end and at the end.
+SIGUSR1: a checkpoint at the step reached, ``RunInterrupted``), resume, checkpoint cadence, metrics (JSONL and the
+trackers of ``run.log_with``: ``fcmae.train.tracking``), the progress bar and the final ``summary.json``. A
+:class:`Recipe` says only what differs: the model, the data, the parameter groups, the loss of one batch, and what
+happens after a step, at an epoch end and at the end.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -29,8 +28,9 @@ from fcmae.data.sampling import EpochSampler, Sample, ignore_stop_signals, shiel
 from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
 from fcmae.train.rundir import RunDirError, RunLock, RunStart, open_run, record_segment
 from fcmae.train.stopping import RunInterrupted, StopRequest, signal_name
+from fcmae.train.tracking import TRACKERS_DIR, Tracking
 from fcmae.weights.checkpoints import find_latest_checkpoint, save_checkpoint
-from fcmae.weights.files import strict_json, strict_json_value, write_json_atomic, write_text_atomic
+from fcmae.weights.files import strict_json_value, write_json_atomic
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,61 +131,6 @@ class TrainState:
     def load_state_dict(self, d: dict[str, float]) -> None:
         for k, v in d.items():
             setattr(self, k, float(v) if k == "elapsed_s" else int(v))
-
-
-class MetricsLogger:
-    """JSONL metrics (always) and TensorBoard scalars and images (when installed); main process only."""
-
-    def __init__(self, output_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = output_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self.tb = None
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (and summaries): a resumed run logs them again."""
-        if not (self.enabled and self.path.is_file()):
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
-            if rec.get("type") != "summary" and "summary" not in rec and rec.get("step", 0) <= step:
-                keep.append(line)
-        write_text_atomic(self.path, "".join(x + "\n" for x in keep))
-
-    def log(self, record: dict[str, Any]) -> None:
-        """One record (a line of strict JSON: NaN is written as null); see ``Trainer.record`` for the schema."""
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(strict_json(record) + "\n")
-        if self.tb is not None and "step" in record:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "timestamp"):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def image(self, tag: str, path: Path, step: int) -> None:
-        """Log a PNG to TensorBoard (no-op without it)."""
-        if self.tb is None:
-            return
-        import numpy as np
-        from PIL import Image
-
-        with Image.open(path) as im:
-            self.tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def build_optimizer(groups: list[dict[str, Any]], optim: Any, device: torch.device,
@@ -377,9 +322,10 @@ class Trainer:
         cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         # non_blocking: batches come from pinned memory (pin_memory on CUDA) and are copied without draining the
         # device queue; accelerate's default copies block three times per micro-step
+        trackers = {"log_with": run.log_with, "project_dir": str(self.out_dir / TRACKERS_DIR)} if run.log_with else {}
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=run.accum_iter,
                                        step_scheduler_with_optimizer=False, cpu=cpu_ddp,
-                                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
+                                       dataloader_config=DataLoaderConfiguration(non_blocking=True), **trackers)
         set_seed(run.seed)
 
     def _loader(self) -> torch.utils.data.DataLoader:
@@ -472,8 +418,7 @@ class Trainer:
             record_segment(self.out_dir, self.cfg, self.resumed_from, self.state.step, self.start.changes,
                            f"used: effective batch {s.effective_batch}, lr {s.base_lr:.6g} (= blr {s.blr:.6g} x "
                            f"{s.effective_batch} / 256), {s.total_steps} steps")
-        self.logger = MetricsLogger(self.out_dir, self.accelerator.is_main_process)
-        self.logger.truncate_after(self.state.step)
+        self.logger = Tracking(self.accelerator, self.out_dir, self.cfg, self.state.step)  # JSONL, trackers
         self.ctx.resumed_from = self.resumed_from
         self.ctx.log, self.ctx.image = self.record, self.logger.image
 
@@ -531,6 +476,8 @@ class Trainer:
         finally:
             shield_workers(False)
             self.stop.restore()
+            if getattr(self, "logger", None) is not None:  # trackers end however the run ends
+                self.logger.close()
             if self.lock is not None:
                 self.lock.release()
 
