@@ -11,10 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# the run folder's own names beside the trainer's files: trackers' local files, their run ids, the figures kept per
+# export (``fcmae.train.tracking``), the report (``fcmae.train.report``)
+TRACKERS_DIR, TRACKING_FILE, FIGURES_DIR, REPORT_FILE, REPORT_DIR = (
+    "trackers", "tracking.json", "figures", "report.html", "report")
 # files and folders that mean an output folder holds a run (the guard in ``fcmae.train.rundir``)
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "encoder.safetensors",
                "best.safetensors", "last.safetensors", "last_ema.safetensors", "reconstruction.png", "tensorboard",
-               "trackers", "figures", "tracking.json", "report.html", "report")
+               TRACKERS_DIR, TRACKING_FILE, FIGURES_DIR, REPORT_FILE, REPORT_DIR)
 # run.log_with name -> the module it needs (accelerate drops a tracker whose package is missing without a word)
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
                    "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",

@@ -25,11 +25,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from fcmae.train.preflight import FIGURES_DIR, TRACKERS_DIR, TRACKING_FILE
 from fcmae.weights.files import strict_json, write_json_atomic, write_text_atomic
 
-TRACKING_FILE = "tracking.json"
-TRACKERS_DIR = "trackers"
-FIGURES_DIR = "figures"
 FIGURE_WIDTH = 640  # the kept copy of a figure: small enough to keep one per export
 
 
