@@ -66,6 +66,12 @@ def _marks(ax: Any, run: dict[str, Any]) -> None:
         ax.axvline(seg.get("step", 0), color="0.5", ls=":", lw=1, label="resumed" if not i else None)
 
 
+def matplotlib_ticker() -> Any:
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
 def _save(fig: Any, path: Path) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -90,6 +96,8 @@ def _plot_loss(plt: Any, run: dict[str, Any], out: Path) -> bytes | None:
         top = ax.secondary_xaxis("top", functions=(lambda x: np.interp(x, s_img, images),
                                                     lambda y: np.interp(y, images, s_img)))
         top.set_xlabel("images seen")
+        top.xaxis.set_major_locator(plt.MaxNLocator(6))
+        top.xaxis.set_major_formatter(matplotlib_ticker().EngFormatter(sep=""))  # 8k, 1.2M
     s_lr, lr = _series(run["records"], "train", "lr")
     ax_lr.plot(s_lr, lr, color="tab:orange", lw=1.5)
     ax_lr.set_ylabel("lr")
