@@ -1,5 +1,5 @@
 """The ``fcmae`` console script: ``fcmae pretrain | convert | finetune | evaluate | visualize | probe | diagnose |
-shard | verify``.
+shard | verify | report``.
 
 Each subcommand lives in its own module and exposes ``add_arguments(parser)`` and ``run(args) -> int``; this
 file only dispatches, importing the subcommand's module lazily so ``fcmae --help`` stays fast.
@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "diagnose": ("fcmae.commands.diagnose", "feature-collapse analysis: channel cosine distance per block, plots"),
     "shard": ("fcmae.commands.shard", "write WebDataset tar shards (and their index) from a folder of images"),
     "verify": ("fcmae.commands.verify", "check every checkpoint of a run (sizes, checksums): ok, incomplete, corrupt"),
+    "report": ("fcmae.commands.report", "a self-contained HTML report of a run: curves, figures, config, summary"),
 }
 
 

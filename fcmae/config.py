@@ -128,6 +128,23 @@ class RunConfig:
     tf32: bool = True
     cudnn_benchmark: bool = True
     channels_last: bool = True
+    # experiment trackers through accelerate: a list or one name (tensorboard, wandb, mlflow, aim, comet_ml, clearml,
+    # dvclive, swanlab, trackio; none = [] or "none"); the same records as metrics.jsonl, the config as hyperparameters
+    log_with: Any = field(default_factory=list)
+    run_name: str = ""  # the tracker's run name ("" = the output folder's name)
+    project: str = "fcmae"  # the tracker's project (W&B), experiment (MLflow, Aim), folder (TensorBoard)
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def _trackers(value: Any) -> list[str]:
+    """``run.log_with`` -> a list of tracker names (a name, a comma list or a list; none, "" or [] -> [])."""
+    names = value.split(",") if isinstance(value, str) else list(value or [])
+    out = [str(n).strip().lower() for n in names if str(n).strip() and str(n).strip().lower() != "none"]
+    for n in out:
+        _check(n in TRACKERS, "run.log_with", value, f"names {n!r}, not one of {list(TRACKERS)} (or none)")
+    return list(dict.fromkeys(out))
 
 
 def _validate_common(cfg: Any, task: Literal["pretrain", "finetune"]) -> Any:
@@ -186,6 +203,7 @@ def _validate_common(cfg: Any, task: Literal["pretrain", "finetune"]) -> Any:
            "is an inductor mode: it needs run.compile_backend=inductor (other backends take run.compile=default)")
     _check(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0 = the library default)")
     _check(r.output_dir.strip() != "", "run.output_dir", r.output_dir, "must not be empty")
+    r.log_with = _trackers(r.log_with)
     _check(r.resume in ("", "auto") or not r.overwrite, "run.overwrite", r.overwrite,
            "cannot be combined with run.resume")
     return src
@@ -425,6 +443,7 @@ TRAINING_KEYS_FREE = frozenset({
     "run.compile", "run.compile_backend", "data.file_list", "data.shard_index", "run.dist_timeout_s",
     "run.hang_timeout_s", "data.max_skipped_fraction",
     "run.grad_checkpointing", "run.tf32", "run.cudnn_benchmark", "run.channels_last",
+    "run.log_with", "run.run_name", "run.project",
 })
 TRAINING_PREFIXES_FREE = ("monitor.",)
 

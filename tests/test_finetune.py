@@ -313,7 +313,7 @@ def test_in_process_resume_equals_uninterrupted_and_linear_probe(tmp_path, one_t
     assert max(float((ea[k] - eb[k]).abs().max()) for k in ea) <= 1e-6
     recs = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in recs if "val_top1" in r]
-    assert [r["epoch"] for r in evals] == [0, 1] and all("ema_top1" in r for r in evals)
+    assert [r["epoch"] for r in evals] == [1, 2] and all("ema_top1" in r for r in evals)
     train = [r for r in recs if "loss" in r and "step" in r]
     assert train[0]["blr"] == pytest.approx(1e-3 * 256 / 4)  # the blr an absolute optim.lr amounts to
     assert train[0]["lr"] == pytest.approx(0.0)  # warmup starts at 0
@@ -383,3 +383,24 @@ def test_cli_pretrain_convert_finetune_evaluate(tmp_path):
     assert float(acc[3]) == 100.0  # 3 classes: top-5 covers all
     bad = _fcmae("evaluate", tmp_path / "dense.safetensors", "--data", data / "val")
     assert bad.returncode == 1 and "no classifier head" in bad.stderr
+
+
+def test_epochs_are_counted_one_way_everywhere(tmp_path, one_thread, capsys):
+    """Lines, records, the summary and the best weights' metadata all count epochs from 1."""
+    import re
+
+    from safetensors import safe_open
+
+    _image_folder(tmp_path / "data" / "train", 4)
+    _image_folder(tmp_path / "data" / "val", 2, seed=1)
+    s = run_finetuning(_tiny_cfg(tmp_path / "data", tmp_path / "run", "run.log_every=3"))
+    err = capsys.readouterr().err
+    done = [int(n) for n in re.findall(r"^epoch (\d+)/2 done", err, flags=re.M)]
+    evals = [int(n) for n in re.findall(r"^eval after epoch (\d+) ", err, flags=re.M)]
+    assert done == evals == [1, 2], err
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs if r["type"] == "eval"] == [1, 2]
+    assert [(r["step"], r["epoch"]) for r in recs if r["type"] == "train"] == [(3, 1), (6, 2)]  # 3 steps per epoch
+    assert s["epochs"] == 2 and s["best_epoch"] in (1, 2)
+    with safe_open(str(tmp_path / "run" / "best.safetensors"), "pt") as f:
+        assert int(f.metadata()["epoch"]) == s["best_epoch"]

@@ -28,3 +28,18 @@ def test_commands_reference_existing_files_and_subcommands():
     for cfg in set(re.findall(r"(configs/[\w/]+\.yaml)", README)):
         assert (ROOT / cfg).is_file(), cfg
     assert "python -m pytest -q" in README
+
+
+def test_readme_lists_every_command_of_the_help():
+    """The README's command list names exactly the commands ``fcmae --help`` shows."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-m", "fcmae", "--help"], capture_output=True, text=True, timeout=120,
+                         env=env, check=True).stdout
+    shown = re.findall(r"^ {4}(\w+)(?:\s|$)", out, flags=re.M)
+    listed = re.search(r"`fcmae --help` lists the commands \(([^)]*)\)", README.replace("\n", " "))
+    assert listed, "the README does not list the commands"
+    assert re.findall(r"`(\w+)`", listed[1]) and set(re.findall(r"`(\w+)`", listed[1])) == set(shown), shown

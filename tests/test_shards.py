@@ -95,8 +95,11 @@ def test_bad_specs_are_one_line_errors(tmp_path: Path) -> None:
     _class_folders(tmp_path / "src", classes=1, per_class=4)
     assert main(["shard", str(tmp_path / "src"), str(tmp_path / "s"), "--max-count", "2", "--no-progress"]) == 0
     ds = ShardStream(open_shards(str(tmp_path / "s")), _Identity(), in_chans=3)
-    with pytest.raises(DataError, match="cannot feed 2 process"):
-        ds.configure(0, 2, 1, 2)
+    with pytest.raises(DataError, match="2 shards cannot feed 3 process"):
+        ds.configure(0, 3, 1, 2)
+    # fewer shards than processes x workers: the workers are capped to what the shards feed, with a note
+    assert ds.configure(0, 2, 1, 2) == "2 shards feed at most 1 data worker(s) per process: data.num_workers 2 -> 1"
+    assert ds.num_workers == 1 and ds.configure(0, 1, 1, 2) is None and ds.num_workers == 2
 
 
 # ------------------------------------------------------------------------------------------- training from shards
@@ -194,3 +197,31 @@ def test_finetune_from_shards_matches_folders(tmp_path: Path) -> None:
         tops[source] = summary["val_top1"]
     assert all(t > 35 for t in tops.values()), tops  # learnt something (chance: 10 %)
     assert abs(tops["folder"] - tops["webdataset"]) <= 15, tops
+
+
+@pytest.mark.slow
+def test_shard_example_runs_with_the_config_default_workers(tmp_path: Path) -> None:
+    """The README's shard example with the atto config as shipped (data.num_workers 10) over 5 shards: the workers
+    are capped to the 5 the shards feed, one line says so, and the run trains."""
+    _class_folders(tmp_path / "src", classes=1, per_class=10)
+    assert main(["shard", str(tmp_path / "src"), str(tmp_path / "shards"), "--max-count", "2", "--no-progress"]) == 0
+    small = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "data.input_size=64", "run.batch_size=2",
+             "run.accum_iter=1", "optim.steps=1", "optim.warmup_steps=0", "run.progress=false",
+             "run.export_every_epochs=0", "run.num_vis_images=2", "run.threads=1"]
+    r = subprocess.run([sys.executable, "-m", "fcmae", "pretrain", "pretrain/convnextv2_atto", "data.source=webdataset",
+                        f"data.path={tmp_path / 'shards'}", *small, f"run.output_dir={tmp_path / 'run'}"],
+                       env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "5 shards feed at most 5 data worker(s) per process: data.num_workers 10 -> 5" in r.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
+
+
+def test_shard_prints_plain_lines_when_not_on_a_terminal(tmp_path: Path) -> None:
+    """Into a log or a pipe: one plain line per shard written, no progress bar and no carriage return."""
+    _class_folders(tmp_path / "src", classes=2, per_class=8)
+    r = subprocess.run([sys.executable, "-m", "fcmae", "shard", str(tmp_path / "src"), str(tmp_path / "s"),
+                        "--max-count", "8"], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "\r" not in r.stdout
+    assert r.stderr.splitlines() == ["shards: shard-000000.tar written, 8/16 images",
+                                     "shards: shard-000001.tar written, 16/16 images"]

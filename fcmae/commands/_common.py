@@ -100,8 +100,13 @@ def print_run_tail(s: Mapping[str, Any]) -> None:
     print(f"metrics: {s['output_dir']}/metrics.jsonl")
     print(f"summary: {s['summary']}")
     loss = "n/a" if s.get("final_loss") is None else f"{s['final_loss']:.4f}"
-    print(f"final loss {loss} after {s['steps']} steps, {s['wall_s']:.0f} s, "
-          f"{s['img_per_s']:.1f} img/s")
+    took = f"{s['wall_s']:.0f} s"  # a resumed run: the whole run's training time and this segment's
+    if s.get("resumed_from"):
+        took = f"{s['time_s']:.0f} s of training in all, {s['wall_s']:.0f} s in this segment"
+    print(f"final loss {loss} after {s['steps']} steps, {took}, {s['img_per_s']:.1f} img/s")
+    if s.get("status") == "stopped":  # run.max_steps ended it before the schedule's last step
+        print(f"stopped at step {s['steps']} of {s['total_steps']} (run.max_steps): to continue, run the same "
+              "command with --resume auto and a larger --max-steps (0 = to the end)")
 
 
 def write_json(path: str | Path | None, result: Mapping[str, Any]) -> None:

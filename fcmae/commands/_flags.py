@@ -170,6 +170,9 @@ def run_training_command(cls: type[T], args: argparse.Namespace, flags: Sequence
     if args.print_config:
         print(config_yaml(cfg), end="")
         return 0
+    from fcmae.train.preflight import preflight
+
+    preflight(cfg)  # a used folder, a missing path: answered before torch is imported
     tune_malloc(args)
     module, name = train.split(":")
     s = getattr(importlib.import_module(module), name)(cfg)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -82,12 +83,19 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 1 << 30, se
         raise DataError(f"{out} already holds shards; choose an empty folder")
     order = np.random.default_rng(seed).permutation(len(files))
     pattern = str(out / "shard-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=shard_size, verbose=0) as sink:
-        for n, i in enumerate(tqdm(order, desc="shards", unit="img", disable=not progress)):
+    done = [0]  # images written so far, for the plain lines
+    # on a terminal a bar; in a log or a pipe no carriage returns: one plain line per shard written
+    bar, post = progress and sys.stderr.isatty(), None
+    if progress and not bar:
+        def post(name: str) -> None:
+            print(f"shards: {Path(name).name} written, {done[0]}/{len(files)} images", file=sys.stderr, flush=True)
+    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=shard_size, verbose=0, post=post) as sink:
+        for n, i in enumerate(tqdm(order, desc="shards", unit="img", disable=not bar)):
             sample = {"__key__": f"{n:08d}", _EXT.get(files[i].suffix.lower(), "jpg"): files[i].read_bytes()}
             if labels is not None:
                 sample["cls"] = labels[i]
             sink.write(sample)
+            done[0] = n + 1
     shards = sorted(out.glob("shard-*.tar"))
     return {"format": "fcmae-shards/1", "samples": len(files), "seed": seed, "source": str(src), "classes": classes,
             "shards": [{"name": p.name, "count": _count_shard(p)} for p in shards]}
@@ -202,16 +210,23 @@ class ShardStream(IterableDataset):
         self._lost = skip_vector()  # damage found while reading, not yet attached to a sample
         self._logged: set[str] = set()
 
-    def configure(self, rank: int, world: int, batch_size: int, num_workers: int) -> None:
+    def configure(self, rank: int, world: int, batch_size: int, num_workers: int) -> str | None:
+        """Returns a note when fewer shards than streams cap the workers per process (``self.num_workers``: what
+        the DataLoader must use); a stream per process is the least, else a ``DataError``."""
         self.rank, self.world, self.batch_size, self.num_workers = rank, world, batch_size, max(1, num_workers)
+        n, note = len(self.shards.urls), None
+        if self.shuffle and world <= n < world * self.num_workers:  # (validation streams may be empty)
+            note = (f"{n} shards feed at most {n // world} data worker(s) per process: data.num_workers "
+                    f"{num_workers} -> {n // world}")
+            self.num_workers = n // world
+        if self.shuffle and n < world * self.num_workers:
+            raise DataError(f"{n} shards cannot feed {world} process(es); write smaller shards (fcmae shard "
+                            "--shard-size)")
         streams = world * self.num_workers
-        if self.shuffle and len(self.shards.urls) < streams:  # (validation streams may be empty)
-            raise DataError(f"{len(self.shards.urls)} shards cannot feed {world} process(es) x {self.num_workers} "
-                            "data worker(s); write smaller shards (fcmae shard --shard-size) or lower "
-                            "data.num_workers")
         if self.shuffle and self._batches_per_stream(0) == 0:
             raise DataError(f"the smallest of {streams} shard streams holds fewer than one batch "
                             f"({self.batch_size}); lower run.batch_size or write fewer, larger shards")
+        return note
 
     def use_epoch(self, epoch: int) -> None:
         self.epoch, self.skip = epoch, 0

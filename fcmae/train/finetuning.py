@@ -186,14 +186,14 @@ class FinetuneRecipe(RecipeBase):
     def on_epoch_end(self, ctx: TrainContext, epoch: int) -> None:
         st, every = ctx.state, self.cfg.run.eval_every_epochs
         if st.epoch % every == 0 or st.step >= ctx.schedule.last_step:
-            self.evaluate(ctx, epoch)
+            self.evaluate(ctx, epoch + 1)
 
     def _metadata(self, ctx: TrainContext) -> dict[str, Any]:
         m, d = self.cfg.model, self.cfg.data
         return {"format": "fcmae-classifier", "layout": "dense", "variant": m.name, "in_chans": m.in_chans,
                 "num_classes": self.num_classes, "image_size": d.input_size, "crop_pct": d.crop_pct,
                 "classes": json.dumps(self.data.classes), "config": json.dumps(to_dict(self.cfg)),
-                "epoch": ctx.state.epoch, "step": ctx.state.step}
+                "epoch": ctx.state.epoch_number, "step": ctx.state.step}
 
     def _gathered(self, ctx: TrainContext, source: str) -> dict[str, Tensor]:
         """The whole weights of the model or its EMA (``fcmae.train.sharding.full_state_dict``; every process)."""
@@ -205,7 +205,8 @@ class FinetuneRecipe(RecipeBase):
         return full_state_dict(ctx.model, ctx.accelerator)
 
     def evaluate(self, ctx: TrainContext, epoch: int) -> None:
-        """Evaluate the model (and its EMA), log it, keep the best as ``best.safetensors``."""
+        """Evaluate the model (and its EMA) after ``epoch`` (counted from 1), log it, keep the best as
+        ``best.safetensors``."""
         from fcmae.evaluation.accuracy import evaluate
 
         acc, st, progress = ctx.accelerator, ctx.state, self.cfg.run.progress
@@ -265,7 +266,7 @@ class FinetuneRecipe(RecipeBase):
     def finish(self, ctx: TrainContext) -> dict[str, Any]:
         st, out = ctx.state, ctx.out_dir
         if self.best.evaluated_at != st.step:  # stopped mid-epoch (max_steps) or resumed a finished run
-            self.evaluate(ctx, st.epoch if st.batch_in_epoch else st.epoch - 1)
+            self.evaluate(ctx, st.epoch_number)
         meta = self._metadata(ctx)
         for source, name in [("model", "last")] + ([("ema", "last_ema")] if self.ema is not None else []):
             weights = self._gathered(ctx, source)  # every process takes part

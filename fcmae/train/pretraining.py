@@ -165,7 +165,7 @@ class PretrainRecipe(RecipeBase):
         plain = self.plain_model(ctx)
         if plain is None or self.monitor is None:
             return
-        self.knn = {"step": st.step, "epoch": st.epoch, **self.monitor.measure(plain.encoder)}
+        self.knn = {"step": st.step, "epoch": st.epoch_number, **self.monitor.measure(plain.encoder)}
         ctx.log({"type": "monitor", **self.knn})
         ctx.say(f"k-NN monitor at step {st.step}: top-1 {self.knn['knn_top1']:.2f} "
                     f"({self.knn['knn_seconds']:.1f} s)")
@@ -207,7 +207,7 @@ class PretrainRecipe(RecipeBase):
         from fcmae.evaluation.figures import save_reconstruction_figure
 
         out = ctx.out_dir
-        export_encoder(model, self.cfg, out / "encoder.safetensors", ctx.state.epoch, ctx.state.step)
+        export_encoder(model, self.cfg, out / "encoder.safetensors", ctx.state.epoch_number, ctx.state.step)
         dev = next(model.parameters()).device
         mean, std = mean_std(self.cfg.model.in_chans)
         fig = save_reconstruction_figure(model, self.vis[0].to(dev), self.vis[1].to(dev), mean, std,

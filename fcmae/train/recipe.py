@@ -59,7 +59,8 @@ class TrainContext:
 
     ``model``: the prepared (possibly wrapped) model; ``unwrapped``: the plain module; ``state``: the progress
     counters (``TrainState``: epoch, step, ...); ``schedule``: run length and learning rate (``Schedule``);
-    ``log(record)``: one metrics row (main process); ``image(tag, png, step)``: a figure to TensorBoard;
+    ``log(record)``: one metrics row (main process); ``image(tag, png, step)``: a figure (a PNG file) to the
+    trackers of ``run.log_with`` and the run's kept figures (``fcmae.train.tracking``);
     ``say(*text)``: a line on stderr (main process; above the progress bar).
     """
 

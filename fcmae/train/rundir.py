@@ -19,12 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from fcmae.config import ConfigError, config_yaml, to_dict, training_changes
+from fcmae.train.preflight import RUN_MARKERS, output_dir_problem  # (RUN_MARKERS: the files that mean a run)
 from fcmae.weights.checkpoints import checkpoint_problem, cleanup_partial, scan_checkpoints
 from fcmae.weights.files import WriteError, describe_os_error, strict_json, temp_name, write_text_atomic
 
-# files that mean an output folder holds a run
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "encoder.safetensors",
-               "best.safetensors", "last.safetensors", "last_ema.safetensors", "reconstruction.png", "tensorboard")
 LOCK_NAME = ".fcmae.lock"
 HISTORY = "config_history.jsonl"  # the config of every segment after the first (config.yaml), one JSON a line
 # the run's own outputs written with the atomic writer: their leftover temp files are removed at start
@@ -127,12 +125,9 @@ def _describe_holder(raw: bytes) -> str:
 def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
     """Refuse to start a new run over another run's outputs unless told to (``run.resume`` / ``run.overwrite``);
     with ``overwrite`` the old run's outputs are removed first. Checks the folder can be written."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunDirError(f"run.output_dir {out_dir} is a file, not a folder")
+    if problem := output_dir_problem(out_dir, resume, overwrite):
+        raise RunDirError(problem)
     used = [m for m in RUN_MARKERS if (out_dir / m).exists()]
-    if used and not resume and not overwrite:
-        raise RunDirError(f"run.output_dir {out_dir} holds another run ({', '.join(used[:3])}); continue it with "
-                          "run.resume=auto, start over with run.overwrite=true, or choose another run.output_dir")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if used and overwrite:

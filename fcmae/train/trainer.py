@@ -3,15 +3,14 @@
 The trainer owns devices and mixed precision, the output folder (locked for the run) and the merged config, the
 seeded data loader, AdamW with the recipe's parameter groups, the warmup + cosine schedule (sized in epochs or
 steps), gradient accumulation and clipping, the non-finite-loss stop, the stop on a signal (SIGTERM, SIGINT,
-SIGUSR1: a checkpoint at the step reached, ``RunInterrupted``), resume, checkpoint cadence, metrics (JSONL,
-TensorBoard when installed), the progress bar and the final ``summary.json``. A :class:`Recipe` says only what
-differs: the model, the data, the parameter groups, the loss of one batch, and what happens after a step, at an epoch
-end and at the end.
+SIGUSR1: a checkpoint at the step reached, ``RunInterrupted``), resume, checkpoint cadence, metrics (JSONL and the
+trackers of ``run.log_with``: ``fcmae.train.tracking``), the progress bar and the final ``summary.json``. A
+:class:`Recipe` says only what differs: the model, the data, the parameter groups, the loss of one batch, and what
+happens after a step, at an epoch end and at the end.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -32,8 +31,9 @@ from fcmae.train.gpu import apply_gpu_settings
 from fcmae.train.recipe import Recipe, RecipeParts, StepHook, TrainContext
 from fcmae.train.rundir import RunDirError, RunLock, RunStart, open_run, record_segment
 from fcmae.train.stopping import EXIT_NONFINITE, FatalRunError, RunInterrupted, StopRequest, signal_name
+from fcmae.train.tracking import TRACKERS_DIR, Tracking
 from fcmae.weights.checkpoints import find_latest_checkpoint, save_checkpoint
-from fcmae.weights.files import strict_json, strict_json_value, write_json_atomic, write_text_atomic
+from fcmae.weights.files import strict_json_value, write_json_atomic
 
 
 class NonFiniteLossError(FatalRunError):
@@ -125,67 +125,18 @@ class TrainState:
     skipped: list[int] = field(default_factory=skip_counts)  # the same per reason (fcmae.data.policy.REASONS)
     elapsed_s: float = 0.0  # training time of the run so far, over every invocation (``time_s`` of metrics.jsonl)
 
+    @property
+    def epoch_number(self) -> int:
+        """The epoch the last step belongs to, counted from 1 as every line and record counts epochs (``epoch 1/3
+        done``, ``eval after epoch 1``, ``epoch`` in metrics.jsonl); 0 before the first step."""
+        return self.epoch + (1 if self.batch_in_epoch else 0)
+
     def state_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         for k, v in d.items():
             setattr(self, k, float(v) if k == "elapsed_s" else [int(x) for x in v] if isinstance(v, list) else int(v))
-
-
-class MetricsLogger:
-    """JSONL metrics (always) and TensorBoard scalars and images (when installed); main process only."""
-
-    def __init__(self, output_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = output_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(output_dir / "tensorboard"))
-            except Exception:  # tensorboard is optional
-                self.tb = None
-
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (and summaries): a resumed run logs them again."""
-        if not (self.enabled and self.path.is_file()):
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
-            if rec.get("type") != "summary" and "summary" not in rec and rec.get("step", 0) <= step:
-                keep.append(line)
-        write_text_atomic(self.path, "".join(x + "\n" for x in keep))
-
-    def log(self, record: dict[str, Any]) -> None:
-        """One record (a line of strict JSON: NaN is written as null); see ``Trainer.record`` for the schema."""
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(strict_json(record) + "\n")
-        if self.tb is not None and "step" in record:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "timestamp"):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def image(self, tag: str, path: Path, step: int) -> None:
-        """Log a PNG to TensorBoard (no-op without it)."""
-        if self.tb is None:
-            return
-        import numpy as np
-        from PIL import Image
-
-        with Image.open(path) as im:
-            self.tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def build_optimizer(groups: list[dict[str, Any]], optim: Any, device: torch.device,
@@ -287,9 +238,13 @@ class Progress:
     (global step / last step, loss, lr, images/s, the run's ETA); otherwise no bar (no carriage returns) but one
     plain line per log window: ``step N/TOTAL epoch E loss L lr LR I img/s elapsed T eta T``."""
 
+    RECENT = 50  # steps the ETA is measured over: the pace now, not the start-up's (workers, first batches)
+
     def __init__(self, enabled: bool, start_step: int, last_step: int) -> None:
+        from collections import deque
+
         self.enabled, self.start, self.last = enabled, start_step, last_step
-        self.t0 = time.perf_counter()
+        self.marks: deque[tuple[float, int]] = deque(maxlen=self.RECENT + 1)  # (time, step) of recent steps
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -298,11 +253,16 @@ class Progress:
                             file=sys.stderr)
 
     def eta(self, step: int) -> float | None:
-        """Seconds to the last step at this invocation's pace so far."""
-        done = step - self.start
-        return (time.perf_counter() - self.t0) / done * (self.last - step) if done > 0 else None
+        """Seconds to the last step at the pace of the last ``RECENT`` steps (None before two steps)."""
+        if len(self.marks) < 2:
+            return None
+        (t0, s0), (t1, s1) = self.marks[0], self.marks[-1]
+        return (t1 - t0) / max(s1 - s0, 1) * (self.last - step)
 
-    def step(self) -> None:
+    def step(self, step: int | None = None) -> None:
+        """One optimizer step done (``step``: the global step it reached)."""
+        if step is not None:
+            self.marks.append((time.perf_counter(), step))
         if self.bar is not None:
             self.bar.update(1)
 
@@ -368,10 +328,11 @@ class Trainer:
         cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         # non_blocking: batches come from pinned memory (pin_memory on CUDA) and are copied without draining the
         # device queue; accelerate's default copies block three times per micro-step
+        trackers = {"log_with": run.log_with, "project_dir": str(self.out_dir / TRACKERS_DIR)} if run.log_with else {}
         self.accelerator = Accelerator(mixed_precision=self.mixed_precision, gradient_accumulation_steps=run.accum_iter,
                                        step_scheduler_with_optimizer=False, cpu=cpu_ddp,
                                        dataloader_config=DataLoaderConfiguration(non_blocking=True),
-                                       kwargs_handlers=[process_group_kwargs(run.dist_timeout_s)])
+                                       kwargs_handlers=[process_group_kwargs(run.dist_timeout_s)], **trackers)
         self.faults = Faults(self.stop, self.out_dir, run, f"fcmae {self.recipe.name}")
         set_seed(run.seed)
 
@@ -381,9 +342,11 @@ class Trainer:
         if isinstance(ds, torch.utils.data.IterableDataset):
             # shards: the stream deals them to processes and workers itself and gives every rank the same number of
             # batches; the loader is not prepared by accelerate (whose iterable splitting would read everything)
-            ds.configure(acc.process_index, acc.num_processes, run.batch_size, self.cfg.data.num_workers)
+            if note := ds.configure(acc.process_index, acc.num_processes, run.batch_size, self.cfg.data.num_workers):
+                self.say(note)
             self.sampler = None
-            return torch.utils.data.DataLoader(ds, batch_size=run.batch_size, num_workers=self.cfg.data.num_workers,
+            workers = min(self.cfg.data.num_workers, ds.num_workers)  # fewer shards than workers: capped
+            return torch.utils.data.DataLoader(ds, batch_size=run.batch_size, num_workers=workers,
                                                pin_memory=pin, persistent_workers=False,
                                                worker_init_fn=ignore_stop_signals)
         n = len(ds)
@@ -425,7 +388,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise RunDirError(f"run.resume: cannot load checkpoint {path} into this run ({msg})") from None
-        self.say(f"resumed from {path} (epoch {self.state.epoch}, step {self.state.step})")
+        self.say(f"resumed from {path} (step {self.state.step}, epoch {self.state.epoch_number})")
 
     def _setup(self) -> None:
         run = self.cfg.run
@@ -464,8 +427,7 @@ class Trainer:
             record_segment(self.out_dir, self.cfg, self.resumed_from, self.state.step, self.start.changes,
                            f"used: effective batch {s.effective_batch}, lr {s.base_lr:.6g} (= blr {s.blr:.6g} x "
                            f"{s.effective_batch} / 256), {s.total_steps} steps")
-        self.logger = MetricsLogger(self.out_dir, self.accelerator.is_main_process)
-        self.logger.truncate_after(self.state.step)
+        self.logger = Tracking(self.accelerator, self.out_dir, self.cfg, self.state.step)  # JSONL, trackers
         self.ctx.resumed_from = self.resumed_from
         self.ctx.log, self.ctx.image = self.record, self.logger.image
 
@@ -534,6 +496,8 @@ class Trainer:
                 self.faults.close(clean)
             shield_workers(False)
             self.stop.restore()
+            if getattr(self, "logger", None) is not None:  # trackers end however the run ends
+                self.logger.close()
             if self.lock is not None:
                 self.lock.release()
 
@@ -642,7 +606,7 @@ class Trainer:
             return False
         st.step += 1
         self.faults.watchdog.beat(st.step)
-        self.progress.step()
+        self.progress.step(st.step)
         self.recipe.after_step(self.ctx)
         if st.step % self.cfg.run.log_every == 0 or st.step == self.schedule.last_step:
             self._log_step(lr)
@@ -691,8 +655,8 @@ class Trainer:
         flushed = self._flush()
         ips = self._window_images / max(now - self._window_t, 1e-9)
         self.window_loss = flushed["loss"]
-        self.progress.window(st.step, st.epoch, flushed["loss"], lr, ips, self.elapsed())
-        rec = {"step": st.step, "epoch": st.epoch, "loss": flushed["loss"], "lr": lr, "blr": self.schedule.blr,
+        self.progress.window(st.step, st.epoch_number, flushed["loss"], lr, ips, self.elapsed())
+        rec = {"step": st.step, "epoch": st.epoch_number, "loss": flushed["loss"], "lr": lr, "blr": self.schedule.blr,
                "img_per_s": ips, "images_seen": st.images_seen, "skipped_files": st.skipped_files,
                "skipped": skipped_summary(st.skipped)}
         if flushed["grad_norm"] is not None:
@@ -728,6 +692,7 @@ class Trainer:
             "img_per_s": self.images_run / max(wall, 1e-9), "skipped_files": st.skipped_files,
             "skipped": skipped_summary(st.skipped),
             "checkpoint": str(ckpt) if ckpt is not None else None, "metrics": str(self.logger.path),
+            "resumed_from": str(self.resumed_from) if self.resumed_from is not None else None,
             "summary": str(self.out_dir / "summary.json"), "config": to_dict(self.cfg),
         })
         self.summary = strict_json_value(self.summary)
