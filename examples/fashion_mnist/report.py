@@ -350,8 +350,10 @@ def _recipes(cfg: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(cfg: dict[str, Any], work: Path, out: Path, doc: Path, config_path: Path) -> dict[str, Any]:
-    """Regenerate ``doc``, ``out/results.json`` and the plots from the finished stages under ``work``."""
+def write_report(cfg: dict[str, Any], work: Path, out: Path, doc: Path, config_path: Path,
+                 recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Regenerate ``doc``, ``out/results.json`` and the plots from the finished stages under ``work`` (stages
+    missing there from ``recorded``, an earlier ``results.json``)."""
     out.mkdir(parents=True, exist_ok=True)
     res = collect(cfg, work)
     figs = plots(cfg, res, out) + _copy_figures(cfg, res, work, out)
