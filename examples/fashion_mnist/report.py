@@ -326,14 +326,22 @@ def cosine_figure(res: dict[str, Any], out: Path) -> list[str]:
                                                                                 else ""))
         ax.fill_between(m["depth"], [a - s for a, s in zip(mean, std)], [a + s for a, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("relative depth of the block (0 = first, 1 = last)")
-    ax.set_ylabel("channel cosine distance")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "cosine_distance_all.png")
-    plt.close(fig)
+    _save(fig, ax, "relative depth of the block (0 = first, 1 = last)", "channel cosine distance",
+          out / "cosine_distance_all.png", 7)
     return ["cosine_distance_all.png"]
+
+
+def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path, legend_size: int) -> None:
+    """Label, grid and legend ``ax``, write ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plots(cfg: dict[str, Any], res: dict[str, Any], out: Path) -> list[str]:
@@ -376,13 +384,7 @@ def plots(cfg: dict[str, Any], res: dict[str, Any], out: Path) -> list[str]:
                       for _, k in budgets]
                 ax.plot(range(len(budgets)), ys, ls="--", color="grey", label="logistic regression on pixels")
         ax.set_xticks(range(len(budgets)), [b for b, _ in budgets])
-        ax.set_xlabel("labels")
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_budget.png")
-        plt.close(fig)
+        _save(fig, ax, "labels", "test top-1 (%)", out / "accuracy_vs_budget.png", 8)
         written.append("accuracy_vs_budget.png")
     return written
 
