@@ -50,7 +50,8 @@ def test_diagnose_finding_compares_grn_with_no_grn(grn, nogrn, word):
     assert report._diagnose_findings(cfg, {"diagnose": None}) == []
 
 
-@pytest.mark.parametrize("v2,v1,word", [(0.45, 0.2, "the collapse the paper reports"), (0.29, 0.43, "V1 not lower")])
+@pytest.mark.parametrize("v2,v1,word", [(0.45, 0.2, "the collapse the paper reports"), (0.29, 0.43, "V1 not lower"),
+                                        (0.448, 0.433, "within 0.05 of each other: no collapse")])
 def test_diagnose_finding_compares_v1_with_v2(v2, v1, word):
     res = {"diagnose": {"models": [{"name": "fcmae_grn", "mean_distance": v2},
                                    {"name": "fcmae_v1", "mean_distance": v1}]}}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -250,7 +251,7 @@ def findings(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
                 refs = [f"{own - v:+.2f} vs {name}" for name, v in
                         (("raw pixels", _probe_mean(res, "raw_pixels", metric, k)),
                          ("random init", _probe_mean(res, "random_init", metric, k))) if v is not None]
-                cells.append(f"{short} {own:.2f} ({', '.join(refs)})")
+                cells.append(f"{short} {own:.2f}" + (f" ({', '.join(refs)})" if refs else ""))
             if cells:
                 parts.append(f"{b}: " + ", ".join(cells))
         if parts:
@@ -284,9 +285,12 @@ def _diagnose_findings(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
     nogrn = [a for a, uses in arms.items() if not uses]
     if grn and v1:
         a, b = dist[grn[0]], dist[v1[0]]
-        verdict = ("V1 lower: the collapse the paper reports for FCMAE on ConvNeXt V1, removed by GRN" if b < a else
-                   "V1 not lower: no collapse of V1 relative to V2 at this scale; the paper's finding (measured on "
-                   "ImageNet-1K) does not reproduce here")
+        # a margin against calling per-image noise a collapse (per-block stds over images are ~0.01-0.03)
+        verdict = ("V1 lower by more than 0.05: the collapse the paper reports for FCMAE on ConvNeXt V1, removed by "
+                   "GRN" if b < a - 0.05 else
+                   "within 0.05 of each other: no collapse of V1 relative to V2 at this scale" if b <= a else
+                   "V1 not lower: no collapse of V1 relative to V2 at this scale")
+        verdict += "" if b < a - 0.05 else "; the paper's finding (measured on ImageNet-1K) does not reproduce here"
         lines.append(f"- ConvNeXt V1 (LayerScale) vs V2 (GRN), the paper's comparison: `{v1[0]}` {b:.4f} vs "
                      f"`{grn[0]}` {a:.4f}: {verdict}.")
     if grn and nogrn:
@@ -439,7 +443,7 @@ def write_report(cfg: dict[str, Any], work: Path, out: Path, doc: Path, config_p
     out.mkdir(parents=True, exist_ok=True)
     res = merge_recorded(collect(cfg, work), recorded)
     figs = plots(cfg, res, out) + _copy_figures(cfg, res, work, out) + cosine_figure(res, out)
-    rel = Path("fashion_mnist") if out.name == "fashion_mnist" else out
+    rel = Path(os.path.relpath(out, doc.parent))  # links relative to the page
     (out / "results.json").write_text(json.dumps(res, indent=1))
     text = ["# Does FCMAE pretraining learn something useful? Fashion-MNIST, ConvNeXt V2-Atto", "",
             *([f"**{cfg['label']}**", ""] if cfg.get("label") else []),
