@@ -42,7 +42,8 @@ class ModelConfig:
     name: str = "convnextv2_base"
     in_chans: int = 3
     drop_path_rate: float = 0.0
-    use_grn: bool = True  # false: ConvNeXt V2 blocks without GRN (the paper's ablation; no GRN parameters)
+    # null: the variant's block (V2 GRN, V1 LayerScale); false: without GRN (the paper's ablation; no GRN parameters)
+    use_grn: bool | None = None
 
 
 @dataclass
@@ -299,8 +300,8 @@ class PretrainConfig:
         _check_mask(m.mask_ratio, d.input_size)
         _check(d.decode == "cpu" or src.image_files, "data.decode", d.decode,
                "gpu decoding reads image files: use it with data.source=folder or imagenet")
-        _check(m.use_grn or m.backend == "torch", "model.use_grn", m.use_grn,
-               "must be true with model.backend=minkowski (that backend has no GRN-free blocks)")
+        _check(m.use_grn is not False or m.backend == "torch", "model.use_grn", m.use_grn,
+               "must not be false with model.backend=minkowski (that backend has no GRN-free blocks)")
         _check(src.path != "required" or d.path != "", "data.path", d.path, f"is required for data.source={d.source}")
         _check(r.export_every_epochs >= 0, "run.export_every_epochs", r.export_every_epochs, "must be >= 0")
         _check(r.num_vis_images >= 1, "run.num_vis_images", r.num_vis_images, "must be >= 1")

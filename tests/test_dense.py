@@ -1,4 +1,5 @@
-"""The dense ConvNeXt V2: sizes against the paper, equivalence with timm, gradients, and the user-facing errors."""
+"""The dense ConvNeXt V2 and V1: sizes against the papers and timm, equivalence with timm, gradients, and the
+user-facing errors."""
 
 from __future__ import annotations
 
@@ -24,7 +25,15 @@ PAPER_PARAMS_M = {
     "convnextv2_base": 89.0,
     "convnextv2_large": 198.0,
     "convnextv2_huge": 660.0,
+    # ConvNeXt V1 ("A ConvNet for the 2020s", Table 1/model zoo: whole millions); atto ... nano are timm's own
+    "convnext_tiny": 29.0,
+    "convnext_small": 50.0,
+    "convnext_base": 89.0,
+    "convnext_large": 198.0,
+    "convnext_xlarge": 350.0,
 }
+V1_TIMM = ["convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano", "convnext_tiny", "convnext_small",
+           "convnext_base", "convnext_large", "convnext_xlarge"]
 
 
 def _meta_model(name: str, monkeypatch: pytest.MonkeyPatch, **kw) -> ConvNeXtV2:
@@ -61,19 +70,40 @@ def test_every_registered_variant_builds_with_the_papers_size(name, monkeypatch)
     assert v.paper_params_m == PAPER_PARAMS_M.get(name)
     if v.paper_params_m is not None:
         n = _count(model)
-        assert abs(n / 1e6 - v.paper_params_m) <= 0.01 * v.paper_params_m, f"{name}: {n / 1e6:.3f}M"
+        # the V1 paper gives whole millions (rounding: +-0.5M), the V2 paper one decimal (1 %)
+        tol = 0.5 if v.family == "v1" else 0.01 * v.paper_params_m
+        assert abs(n / 1e6 - v.paper_params_m) <= tol, f"{name}: {n / 1e6:.3f}M"
     assert v.in_timm == timm.is_model(name)
-    if v.in_timm:  # timm's conv-MLP flag for the variant is the one the registry records
+    if v.in_timm:  # timm's conv-MLP flag and parameter count for the variant are the registry's
         with torch.device("meta"):
             theirs = timm.create_model(name, pretrained=False)
         assert (theirs.state_dict()["stages.0.blocks.0.mlp.fc1.weight"].ndim == 4) == v.timm_conv_mlp
+        assert abs(_count(model) - _count(theirs)) <= 0.005 * _count(theirs), (name, _count(model), _count(theirs))
 
 
-def test_forward_intermediates_and_feature_info_match_timm():
+def test_v1_family_is_registered_with_timms_architecture():
+    """Every ConvNeXt V1 of timm is a record: LayerScale at timm's init, no GRN, timm's depths and widths."""
+    v1 = [n for n in list_models() if get_variant(n).family == "v1" and get_variant(n).in_timm]
+    assert v1 == V1_TIMM
+    for name in v1:
+        v = get_variant(name)
+        with torch.device("meta"):
+            theirs = timm.create_model(name, pretrained=False)
+        assert (v.use_grn, v.ls_init_value) == (False, 1e-6)
+        assert [len(s.blocks) for s in theirs.stages] == list(v.depths)
+        assert [s.blocks[0].conv_dw.in_channels for s in theirs.stages] == list(v.dims)
+        assert not any("grn" in k for k in theirs.state_dict())
+    fresh = create_model("convnext_atto")
+    assert fresh.stages[2][3].gamma.shape == (160,) and torch.all(fresh.stages[2][3].gamma == 1e-6)
+    assert fresh.stages[0][0].grn is None and fresh.use_grn is False
+
+
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnext_atto", "convnext_tiny"])
+def test_forward_intermediates_and_feature_info_match_timm(name):
     """timm's backbone interface: the same stage maps as timm's model with the same weights, and feature_info."""
-    ours = randomize_(create_model("convnextv2_atto", num_classes=0), scale=0.05).eval()
-    theirs = timm.create_model("convnextv2_atto", pretrained=False, num_classes=0).eval()
-    theirs.load_state_dict(dense_to_timm(dict(ours.state_dict()), "convnextv2_atto"), strict=True)
+    ours = randomize_(create_model(name, num_classes=0), scale=0.05).eval()
+    theirs = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    theirs.load_state_dict(dense_to_timm(dict(ours.state_dict()), name), strict=True)
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         final, maps = ours.forward_intermediates(x)
@@ -99,7 +129,7 @@ def test_meta_build_has_real_shapes(monkeypatch):
 # ---------------------------------------------------------------------------------------------- timm equivalence
 
 
-@pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny"])
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny", "convnext_atto", "convnext_tiny"])
 def test_same_logits_and_gradients_as_timm(name):
     ours, theirs = _timm_pair(name)
     g = torch.Generator().manual_seed(1)
@@ -123,7 +153,7 @@ def test_same_logits_and_gradients_as_timm(name):
         assert torch.allclose(grad, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max().clamp_min(1e-6))), key
 
 
-@pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny"])
+@pytest.mark.parametrize("name", ["convnextv2_atto", "convnextv2_tiny", "convnext_atto", "convnext_tiny"])
 def test_timm_layout_round_trip(name):
     sd = randomize_(create_model(name), scale=0.05).state_dict()
     back = timm_to_dense(dense_to_timm(sd, name))
@@ -158,7 +188,9 @@ def _fwd_bwd_every_param(model: ConvNeXtV2) -> None:
         assert torch.isfinite(p.grad).all(), key
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n != "convnextv2_huge"])
+# V1 base/large have V2 base/large's shapes (tested here); xlarge (350M) is as slow as huge
+@pytest.mark.parametrize("name", [n for n in list_models() if n not in ("convnextv2_huge", "convnext_base",
+                                                                        "convnext_large", "convnext_xlarge")])
 def test_forward_backward_every_variant(name):
     torch.manual_seed(0)
     _fwd_bwd_every_param(create_model(name))

@@ -1,4 +1,5 @@
-"""The sparse encoder and FCMAE against the independent masked-dense reference."""
+"""The sparse encoder and FCMAE against the independent masked-dense reference, for ConvNeXt V2 (GRN) and V1
+(LayerScale) blocks."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from fcmae.models.masking import kept_indices, random_masking, upsample_mask
 from fcmae.models.reference import create_reference_fcmae
 
 VARIANT = "convnextv2_test"
+V1 = "convnext_test"  # the same shapes with ConvNeXt V1 blocks (LayerScale, no GRN)
+FAMILIES = [VARIANT, V1]
 
 
-def _pair(in_chans: int = 3, **kw) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _pair(in_chans: int = 3, variant: str = VARIANT, **kw) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
-    ours = randomize_(create_fcmae(VARIANT, in_chans=in_chans, decoder_embed_dim=32, **kw))
-    ref = create_reference_fcmae(VARIANT, in_chans=in_chans, decoder_embed_dim=32, **kw)
+    ours = randomize_(create_fcmae(variant, in_chans=in_chans, decoder_embed_dim=32, **kw))
+    ref = create_reference_fcmae(variant, in_chans=in_chans, decoder_embed_dim=32, **kw)
     ref.load_state_dict(ours.state_dict(), strict=True)
     return ours, ref
 
@@ -47,9 +50,12 @@ def test_bad_mask_ratio(ratio):
         create_fcmae(VARIANT)(torch.randn(2, 3, 64, 64), mask_ratio=ratio)
 
 
+@pytest.mark.parametrize("variant", FAMILIES)
 @pytest.mark.parametrize("batch", [1, 3, 8])
-def test_encoder_matches_masked_dense_reference(batch, rng):
-    ours, ref = _pair()
+def test_encoder_matches_masked_dense_reference(batch, variant, rng):
+    ours, ref = _pair(variant=variant)
+    if variant == V1:  # randomized LayerScale, no GRN: the V1 block really runs
+        assert ours.encoder.stages[2][1].grn is None and ours.encoder.stages[2][1].gamma.abs().min() > 0
     x = torch.randn(batch, 3, 128, 96, generator=rng)
     mask = random_masking(batch, (4, 3), 0.6, generator=rng)
     a = ours.forward_encoder(x, mask)
@@ -72,8 +78,10 @@ def test_encoder_matches_masked_dense_reference(batch, rng):
     assert n_checked == len(list(ours.encoder.parameters()))
 
 
-def test_full_model_loss_and_grads_match_reference(rng):
-    ours, ref = _pair()
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_full_model_loss_and_grads_match_reference(variant, rng):
+    ours, ref = _pair(variant=variant)
+    assert (ours.decoder[0].gamma is None) == (variant == VARIANT)  # the decoder's blocks are the encoder's kind
     x = torch.randn(4, 3, 96, 128, generator=rng)
     mask = random_masking(4, (3, 4), 0.6, generator=rng)
     la, lb = ours(x, mask)["loss"], ref(x, mask)["loss"]
@@ -105,14 +113,25 @@ def test_encoder_state_dict_matches_dense_names_and_shapes():
     assert all(enc[k].shape == dense[k].shape for k in enc)
 
 
-def test_per_sample_grn_image_alone_equals_in_batch(rng):
-    ours, _ = _pair()
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_per_sample_image_alone_equals_in_batch(variant, rng):
+    """Per sample: an image's features and its gradients do not depend on the rest of the batch."""
+    ours, ref = _pair(variant=variant)
     x = torch.randn(5, 3, 64, 64, generator=rng)
     mask = random_masking(5, 2, 0.5, generator=rng)
     batched = ours.forward_encoder(x, mask)
+    w = torch.randn(batched.shape, generator=rng)
     for i in range(5):
         alone = ours.forward_encoder(x[i : i + 1], mask[i : i + 1])
         assert _rel(alone[0], batched[i]) < 1e-5
+        assert _rel(alone[0], ref.forward_encoder(x[i : i + 1], mask[i : i + 1])[0]) < 1e-5
+    # the gradient of one image's loss through the batched sparse encoder equals the reference's on that image alone
+    params = list(ours.encoder.parameters())
+    got = torch.autograd.grad((batched[2] * w[2]).sum(), params)
+    ref_out = ref.forward_encoder(x[2:3], mask[2:3])
+    want = torch.autograd.grad((ref_out[0] * w[2]).sum(), list(ref.encoder.parameters()))
+    for (name, _), a, b in zip(ours.encoder.named_parameters(), got, want):
+        assert _rel(a, b) < 1e-4, name
 
 
 def test_masked_pixels_never_reach_visible_features(rng):
@@ -255,10 +274,11 @@ def test_grn_linear_fusion_gradcheck_and_equals_grn_then_linear():
     assert torch.allclose(blk.mlp(x), plain, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", FAMILIES)
 @pytest.mark.parametrize("depth", [0, 2])
-def test_decoder_depths_match_the_reference(depth, rng):
+def test_decoder_depths_match_the_reference(depth, variant, rng):
     """The decoder's last block runs its final Linear on removed cells only; with no block, the head still does."""
-    ours, ref = _pair(decoder_depth=depth)
+    ours, ref = _pair(decoder_depth=depth, variant=variant)
     x = torch.randn(2, 3, 96, 96, generator=rng)
     mask = random_masking(2, 3, 0.6, generator=rng)
     a, b = ours(x, mask), ref(x, mask)
@@ -269,12 +289,12 @@ def test_decoder_depths_match_the_reference(depth, rng):
         assert _rel(p.grad, q.grad) < 1e-3, name
 
 
-@pytest.mark.parametrize("use_grn", [True, False])
-def test_block_forward_rows_equals_the_whole_block_at_those_rows(use_grn):
+@pytest.mark.parametrize("use_grn,ls", [(True, None), (False, None), (False, 1e-6)])
+def test_block_forward_rows_equals_the_whole_block_at_those_rows(use_grn, ls):
     from fcmae.models.convnextv2 import Block
 
     g = torch.Generator().manual_seed(0)
-    blk = Block(16, use_grn=use_grn)
+    blk = Block(16, use_grn=use_grn, ls_init_value=ls)
     with torch.no_grad():
         for p in blk.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))

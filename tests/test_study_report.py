@@ -48,3 +48,32 @@ def test_diagnose_finding_compares_grn_with_no_grn(grn, nogrn, word):
     lines = report._diagnose_findings(cfg, res)
     assert word in lines[-1] and f"{grn:.4f} vs {nogrn:.4f}" in lines[-1]
     assert report._diagnose_findings(cfg, {"diagnose": None}) == []
+
+
+@pytest.mark.parametrize("v2,v1,word", [(0.45, 0.2, "the collapse the paper reports"), (0.29, 0.43, "V1 not lower"),
+                                        (0.448, 0.433, "within 0.05 of each other: no collapse")])
+def test_diagnose_finding_compares_v1_with_v2(v2, v1, word):
+    res = {"diagnose": {"models": [{"name": "fcmae_grn", "mean_distance": v2},
+                                   {"name": "fcmae_v1", "mean_distance": v1}]}}
+    cfg = {"pretrain": {"overrides": {"model.name": "convnextv2_atto"},
+                        "arms": {"fcmae_grn": {}, "fcmae_v1": {"model.name": "convnext_atto"}}}}
+    lines = report._diagnose_findings(cfg, res)
+    assert len(lines) == 2 and word in lines[-1] and f"{v1:.4f} vs `fcmae_grn` {v2:.4f}" in lines[-1]
+
+
+def test_recorded_results_fill_only_the_missing_stages():
+    new = {"probe": {"fcmae_grn": None, "fcmae_v1": {"runs": [1]}}, "finetune": {"fcmae_v1": {"1pct": [{"top1": 80}]}},
+           "pretrain": {"fcmae_grn": {"complete": False}, "fcmae_v1": {"complete": True}}, "devices": {"a": "cpu"},
+           "diagnose": {"models": [{"name": "fcmae_v1"}]}, "evaluate_check": None}
+    old = {"probe": {"fcmae_grn": {"runs": [0]}, "fcmae_v1": {"runs": [9]}},
+           "finetune": {"fcmae_grn": {"1pct": [{"top1": 82}]}, "fcmae_v1": {"1pct": [{"top1": 1}]}},
+           "pretrain": {"fcmae_grn": {"complete": True}}, "devices": {"b": "cuda"},
+           "diagnose": {"models": [{"name": "fcmae_v1", "old": 1}, {"name": "fcmae_grn"}]},
+           "evaluate_check": {"top1": 90}}
+    res = report.merge_recorded(new, old)
+    assert res["probe"] == {"fcmae_grn": {"runs": [0]}, "fcmae_v1": {"runs": [1]}}
+    assert res["finetune"] == {"fcmae_v1": {"1pct": [{"top1": 80}]}, "fcmae_grn": {"1pct": [{"top1": 82}]}}
+    assert res["pretrain"]["fcmae_grn"] == {"complete": True} and res["devices"] == {"a": "cpu", "b": "cuda"}
+    assert res["diagnose"]["models"] == [{"name": "fcmae_v1"}, {"name": "fcmae_grn", "recorded": True}]
+    assert res["recorded"] == ["probe_fcmae_grn", "pretrain_fcmae_grn", "finetune_fcmae_grn_1pct",
+                               "diagnose fcmae_grn", "evaluate_check"]

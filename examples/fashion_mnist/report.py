@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -79,6 +80,39 @@ def collect(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
             "evaluate_check": _json(work / "evaluate" / f"{cfg['evaluate_check']['run']}.json")}
 
 
+def merge_recorded(res: dict[str, Any], recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """``res`` with every stage it lacks taken from ``recorded`` (an earlier results.json of the same recipe); the
+    names of the stages taken are listed in ``res["recorded"]`` (diagnosed models get ``"recorded": True``)."""
+    res["recorded"] = taken = []
+    if not recorded:
+        return res
+    for arm, r in recorded.get("probe", {}).items():
+        if r and not res["probe"].get(arm) and arm in res["probe"]:
+            res["probe"][arm] = r
+            taken.append(f"probe_{arm}")
+    for arm, r in recorded.get("pretrain", {}).items():
+        if arm in res["pretrain"] and not res["pretrain"][arm]["complete"] and r.get("complete"):
+            res["pretrain"][arm] = r
+            taken.append(f"pretrain_{arm}")
+    for arm, budgets in recorded.get("finetune", {}).items():
+        for budget, runs in budgets.items():
+            if budget not in res["finetune"].get(arm, {}):
+                res["finetune"].setdefault(arm, {})[budget] = runs
+                taken.append(f"finetune_{arm}_{budget}")
+    res["devices"] = {**recorded.get("devices", {}), **res["devices"]}
+    old = recorded.get("diagnose")
+    if old:
+        new = res["diagnose"] or {**old, "models": []}
+        names = {m["name"] for m in new["models"]}
+        extra = [{**m, "recorded": True} for m in old["models"] if m["name"] not in names]
+        res["diagnose"] = {**new, "models": new["models"] + extra}
+        taken += [f"diagnose {m['name']}" for m in extra]
+    if not res["evaluate_check"] and recorded.get("evaluate_check"):
+        res["evaluate_check"] = recorded["evaluate_check"]
+        taken.append("evaluate_check")
+    return res
+
+
 def monitor_overhead(rows: list[dict[str, Any]], batch_size: int, every: int) -> dict[str, Any] | None:
     """The k-NN monitor's share of a pretraining run's time, from its metrics.jsonl, two ways.
 
@@ -113,7 +147,8 @@ def probe_table(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
         " | ".join(f"linear {b}" for b, _ in budgets) + " |"
     lines = [head, "|" + "---|" * (1 + 2 * len(budgets))]
     titles = {"raw_pixels": "raw pixels (trivial baseline)", "random_init": "random init (no pretraining)",
-              "fcmae_grn": "FCMAE, GRN", "fcmae_nogrn": "FCMAE, no GRN"}
+              "fcmae_grn": "FCMAE, GRN", "fcmae_nogrn": "FCMAE, no GRN",
+              "fcmae_v1": "FCMAE, ConvNeXt V1 (LayerScale)"}
     for arm, r in res["probe"].items():
         cells = []
         for metric in ("knn_top1", "linear_top1"):
@@ -164,7 +199,9 @@ def status_lines(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
     gpu = sorted(k for k, v in res.get("devices", {}).items() if v == "cuda")
     where = (f"- where: every stage on 2 CPU cores except {', '.join(gpu)}, which ran on one CUDA GPU (fp32, same "
              "recipe and seeds)" if gpu else "- where: every stage on 2 CPU cores")
-    return [where, f"- pretraining: {'; '.join(pre)}",
+    rec = (["- taken from the recorded results of earlier runs of the same recipe (`recorded` in the YAML): "
+            + ", ".join(res["recorded"])] if res.get("recorded") else [])
+    return [where, *rec, f"- pretraining: {'; '.join(pre)}",
             f"- frozen-feature probes done: {', '.join(probes) or 'none'} (of {', '.join(res['probe'])})",
             f"- fine-tuning runs done: {done} of {expected}",
             f"- diagnose: {diag_txt}",
@@ -214,7 +251,7 @@ def findings(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
                 refs = [f"{own - v:+.2f} vs {name}" for name, v in
                         (("raw pixels", _probe_mean(res, "raw_pixels", metric, k)),
                          ("random init", _probe_mean(res, "random_init", metric, k))) if v is not None]
-                cells.append(f"{short} {own:.2f} ({', '.join(refs)})")
+                cells.append(f"{short} {own:.2f}" + (f" ({', '.join(refs)})" if refs else ""))
             if cells:
                 parts.append(f"{b}: " + ", ".join(cells))
         if parts:
@@ -242,9 +279,20 @@ def _diagnose_findings(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
     dist = {m["name"]: m["mean_distance"] for m in diag["models"]}
     text = ", ".join(f"{n} {d:.4f}" for n, d in dist.items())
     lines = [f"- Feature diversity (mean channel cosine distance of the expansion layers over all blocks): {text}."]
-    arms = {a: o.get("model.use_grn", True) for a, o in cfg["pretrain"]["arms"].items() if a in dist}
+    v1 = [a for a, o in cfg["pretrain"]["arms"].items() if a in dist and _is_v1(cfg, o)]
+    arms = {a: o.get("model.use_grn", True) for a, o in cfg["pretrain"]["arms"].items() if a in dist and a not in v1}
     grn = [a for a, uses in arms.items() if uses]
     nogrn = [a for a, uses in arms.items() if not uses]
+    if grn and v1:
+        a, b = dist[grn[0]], dist[v1[0]]
+        # a margin against calling per-image noise a collapse (per-block stds over images are ~0.01-0.03)
+        verdict = ("V1 lower by more than 0.05: the collapse the paper reports for FCMAE on ConvNeXt V1, removed by "
+                   "GRN" if b < a - 0.05 else
+                   "within 0.05 of each other: no collapse of V1 relative to V2 at this scale" if b <= a else
+                   "V1 not lower: no collapse of V1 relative to V2 at this scale")
+        verdict += "" if b < a - 0.05 else "; the paper's finding (measured on ImageNet-1K) does not reproduce here"
+        lines.append(f"- ConvNeXt V1 (LayerScale) vs V2 (GRN), the paper's comparison: `{v1[0]}` {b:.4f} vs "
+                     f"`{grn[0]}` {a:.4f}: {verdict}.")
     if grn and nogrn:
         a, b = dist[grn[0]], dist[nogrn[0]]
         verdict = ("higher with GRN, the direction the paper reports" if a > b else
@@ -255,7 +303,51 @@ def _diagnose_findings(cfg: dict[str, Any], res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _is_v1(cfg: dict[str, Any], overrides: dict[str, Any]) -> bool:
+    """A pretraining arm of a ConvNeXt V1 variant (``convnext_*``: LayerScale blocks, no GRN)."""
+    default = cfg["pretrain"].get("overrides", {}).get("model.name", "")
+    return str(overrides.get("model.name", default)).startswith("convnext_")
+
+
 # ------------------------------------------------------------------------------------------- plots
+def cosine_figure(res: dict[str, Any], out: Path) -> list[str]:
+    """The paper's Fig. 4 style from every diagnosed model (new and recorded): the channel cosine distance of each
+    block's expansion layer against its relative depth, mean over images with a band of one std."""
+    diag = res.get("diagnose")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    if not diag:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    for m in diag["models"]:
+        mean, std = m["distance"], m.get("distance_std") or [0.0] * len(m["distance"])
+        line, = ax.plot(m["depth"], mean, marker="o", ms=3, label=m["name"] + (" (recorded)" if m.get("recorded")
+                                                                                else ""))
+        ax.fill_between(m["depth"], [a - s for a, s in zip(mean, std)], [a + s for a, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.15)
+    _save(fig, ax, "relative depth of the block (0 = first, 1 = last)", "channel cosine distance",
+          out / "cosine_distance_all.png", 7)
+    return ["cosine_distance_all.png"]
+
+
+def _save(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path, legend_size: int) -> None:
+    """Label, grid and legend ``ax``, write ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plots(cfg: dict[str, Any], res: dict[str, Any], out: Path) -> list[str]:
     """PNG files written to ``out`` (none without matplotlib)."""
     try:
@@ -296,13 +388,7 @@ def plots(cfg: dict[str, Any], res: dict[str, Any], out: Path) -> list[str]:
                       for _, k in budgets]
                 ax.plot(range(len(budgets)), ys, ls="--", color="grey", label="logistic regression on pixels")
         ax.set_xticks(range(len(budgets)), [b for b, _ in budgets])
-        ax.set_xlabel("labels")
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_budget.png")
-        plt.close(fig)
+        _save(fig, ax, "labels", "test top-1 (%)", out / "accuracy_vs_budget.png", 8)
         written.append("accuracy_vs_budget.png")
     return written
 
@@ -350,14 +436,17 @@ def _recipes(cfg: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(cfg: dict[str, Any], work: Path, out: Path, doc: Path, config_path: Path) -> dict[str, Any]:
-    """Regenerate ``doc``, ``out/results.json`` and the plots from the finished stages under ``work``."""
+def write_report(cfg: dict[str, Any], work: Path, out: Path, doc: Path, config_path: Path,
+                 recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Regenerate ``doc``, ``out/results.json`` and the plots from the finished stages under ``work`` (stages
+    missing there from ``recorded``, an earlier ``results.json``)."""
     out.mkdir(parents=True, exist_ok=True)
-    res = collect(cfg, work)
-    figs = plots(cfg, res, out) + _copy_figures(cfg, res, work, out)
-    rel = Path("fashion_mnist") if out.name == "fashion_mnist" else out
+    res = merge_recorded(collect(cfg, work), recorded)
+    figs = plots(cfg, res, out) + _copy_figures(cfg, res, work, out) + cosine_figure(res, out)
+    rel = Path(os.path.relpath(out, doc.parent))  # links relative to the page
     (out / "results.json").write_text(json.dumps(res, indent=1))
     text = ["# Does FCMAE pretraining learn something useful? Fashion-MNIST, ConvNeXt V2-Atto", "",
+            *([f"**{cfg['label']}**", ""] if cfg.get("label") else []),
             "Generated by `python examples/fashion_mnist/study.py --config examples/fashion_mnist/study.yaml` "
             "(resumable; `--report-only` regenerates this page from the finished stages). Every number below is "
             "read from the runs' JSON files (`summary.json`, `fcmae probe/evaluate --json`); stages not finished "
@@ -368,7 +457,10 @@ def write_report(cfg: dict[str, Any], work: Path, out: Path, doc: Path, config_p
             *finetune_table(cfg, res), "", "## Findings (read off the numbers above)", "", *findings(cfg, res), ""]
     for name, title in (("knn_monitor.png", "k-NN monitor during pretraining"),
                         ("pretrain_loss.png", "Pretraining loss"), ("accuracy_vs_budget.png", "Accuracy vs labels"),
-                        ("cosine_distance.png", "Feature collapse: channel cosine distance per block (paper Fig. 4)"),
+                        ("cosine_distance_all.png", "Feature collapse: channel cosine distance per block, every "
+                         "diagnosed model (paper Fig. 4 style; mean and one std over images)"),
+                        ("cosine_distance.png", "Feature collapse: channel cosine distance per block (paper Fig. 4), "
+                         "the models of the latest `fcmae diagnose` run"),
                         ("activations.png", "Expansion-layer activations (paper Fig. 3)")):
         if name in figs:
             text += [f"### {title}", "", f"![{title}]({rel / name})", ""]
@@ -381,7 +473,8 @@ def write_report(cfg: dict[str, Any], work: Path, out: Path, doc: Path, config_p
                  "|---|---|---|---|---|"]
         for m in res["diagnose"]["models"]:
             low = min(range(len(m["distance"])), key=m["distance"].__getitem__)
-            text.append(f"| {m['name']} | {m['mean_distance']:.4f} | {m['distance'][0]:.4f} | "
+            name = m["name"] + (" (recorded)" if m.get("recorded") else "")
+            text.append(f"| {name} | {m['mean_distance']:.4f} | {m['distance'][0]:.4f} | "
                         f"{m['distance'][-1]:.4f} | {low}: {m['distance'][low]:.4f} |")
         text.append("")
     ev = res["evaluate_check"]

@@ -1,6 +1,7 @@
 """Does FCMAE pretraining learn something useful? The Fashion-MNIST study, resumable, every stage through the CLI.
 
     python examples/fashion_mnist/study.py --config examples/fashion_mnist/study.yaml [--smoke] [--report-only]
+        [--arms ARM ...]
 
 Stages (each a ``python -m fcmae ...`` subprocess under ``nice``; settings in ``study.yaml``):
 
@@ -12,6 +13,9 @@ Stages (each a ``python -m fcmae ...`` subprocess under ``nice``; settings in ``
    (``optim.steps``) so every run completes its cosine; 3 seeds (label subset + init) for 1 % and 10 %;
 5. ``diagnose``: the paper's feature-collapse plot of every arm (+ the supervised scratch model);
 6. ``evaluate``: one run's exported weights must repeat its in-run top-1.
+
+``--arms ARM ...``: only these pretraining arms (pretrain, probe, their fine-tuning arms) and the diagnose of every
+finished arm; the other arms' numbers come from ``recorded`` (a published ``results.json`` of the same recipe).
 
 Resumable: a training stage whose ``summary.json`` exists is skipped, an interrupted one continues with
 ``run.resume=auto``; a probe/diagnose/evaluate stage is done when its JSON exists. After every stage the write-up
@@ -64,7 +68,7 @@ def format_value(value: Any) -> str:
         return "null"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(format_value(v) for v in value) + "]"
-    return str(value)
+    return str(value) if value != "" else "''"  # a bare `key=` would read back as null
 
 
 def as_overrides(mapping: dict[str, Any]) -> list[str]:
@@ -82,6 +86,9 @@ class Study:
         self.out = REPO / cfg["out"]
         nice = int(cfg.get("nice", 0))
         self.prefix = ["nice", "-n", str(nice)] if nice > 0 and shutil.which("nice") else []
+        rec = REPO / cfg["recorded"] if cfg.get("recorded") else None
+        # read once, before any publishing could overwrite it (it may be the published results.json itself)
+        self.recorded = json.loads(rec.read_text()) if rec and rec.is_file() else None
 
     def fcmae(self, name: str, args: list[str], done: Path) -> bool:
         """Run ``python -m fcmae <args>`` unless ``done`` exists; logs to ``<work>/logs/<name>.log``. Returns
@@ -109,7 +116,7 @@ class Study:
         out, doc = (self.out, REPO / self.cfg["doc"]) if publish else (self.work / "report",
                                                                        self.work / "report" / "fashion_mnist.md")
         try:
-            write_report(self.cfg, self.work, out, doc, self.config_path)
+            write_report(self.cfg, self.work, out, doc, self.config_path, recorded=self.recorded)
         except Exception as exc:  # a report problem must not stop the runs
             print(f"[report] failed: {type(exc).__name__}: {exc}", flush=True)
 
@@ -225,10 +232,30 @@ class Study:
         self.evaluate_check()
         self.report(publish=True)
 
+    def run_arms(self, arms: list[str]) -> None:
+        """Only the named pretraining arms: pretrain them all, diagnose (cheap, and the collapse question), probe,
+        then the fine-tuning arms initialised from them (first seeds first), and the write-up (other stages from
+        ``recorded``)."""
+        unknown = [a for a in arms if a not in self.cfg["pretrain"]["arms"]]
+        if unknown:
+            sys.exit(f"study.py: unknown arm(s) {', '.join(unknown)}; known: {', '.join(self.cfg['pretrain']['arms'])}")
+        done = [arm for arm in arms if self.pretrain(arm)]
+        self.diagnose()
+        for arm in done:
+            enc = self.work / "pretrain" / arm / "encoder.safetensors"
+            self.probe(arm, [str(enc)], self.cfg["probe"]["input_size"])
+        fts = [ft for ft, a in self.cfg["finetune"]["arms"].items() if a.get("init") in done]
+        for first in (True, False):
+            for ft in fts:
+                self.finetune_arm(ft, first_seed_only=first)
+        self.report(publish=True)
 
-def load_study_config(path: Path, smoke: bool) -> dict[str, Any]:
+
+def load_study_config(path: Path, smoke: bool, reduced: bool = False) -> dict[str, Any]:
+    """The YAML with its ``reduced:`` and/or ``smoke:`` section merged in when asked (both removed otherwise)."""
     cfg = yaml.safe_load(path.read_text())
-    smoke_cfg = cfg.pop("smoke", {})
+    smoke_cfg, reduced_cfg = cfg.pop("smoke", {}), cfg.pop("reduced", {})
+    cfg = deep_merge(cfg, reduced_cfg) if reduced else cfg
     return deep_merge(cfg, smoke_cfg) if smoke else cfg
 
 
@@ -237,10 +264,14 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=Path(__file__).with_name("study.yaml"))
     ap.add_argument("--smoke", action="store_true", help="merge the YAML's smoke: section (a plumbing check)")
     ap.add_argument("--report-only", action="store_true", help="only regenerate the write-up from finished stages")
+    ap.add_argument("--reduced", action="store_true", help="merge the YAML's reduced: section (a smaller budget)")
+    ap.add_argument("--arms", nargs="+", metavar="ARM", help="run only these pretraining arms (see the docstring)")
     args = ap.parse_args()
-    study = Study(load_study_config(args.config, args.smoke), args.config)
+    study = Study(load_study_config(args.config, args.smoke, args.reduced), args.config)
     if args.report_only:
         study.report(publish=True)
+    elif args.arms:
+        study.run_arms(args.arms)
     else:
         study.run()
 

@@ -64,14 +64,14 @@ def _models(args: argparse.Namespace) -> list[tuple[str, Any, dict[str, Any]]]:
         default = p.parent.name if p.stem in ("encoder", "best", "last", "last_ema", "model") else p.stem
         out.append((default, model, {"weights": info["path"], "model": info["name"], "use_grn": model.use_grn,
                                      "image_size": info["metadata"].get("image_size")}))
-    for variants, grn in ((args.random_init, True), (args.random_init_no_grn, False)):
+    for variants, grn in ((args.random_init, None), (args.random_init_no_grn, False)):  # None: the record's block
         for v in variants:
             torch.manual_seed(args.seed)
             name = canonical_name(v)
             chans = args.in_chans or (out[0][1].in_chans if out else 3)
             model = create_model(name, num_classes=0, in_chans=chans, use_grn=grn).eval()
-            label = f"random init{'' if grn else ', no GRN'}"
-            out.append((label, model, {"weights": None, "model": name, "use_grn": grn, "image_size": None}))
+            label = f"random init{'' if grn is None else ', no GRN'}"
+            out.append((label, model, {"weights": None, "model": name, "use_grn": model.use_grn, "image_size": None}))
     if not out:
         raise ValueError("nothing to diagnose: give WEIGHTS and/or --random-init VARIANT")
     if args.names:

@@ -69,11 +69,11 @@ def build_encoder(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         return None, {"what": "raw pixels", "model": None, "layout": None, "use_grn": None, "metadata": {}}
     if args.random_init or args.random_init_no_grn:
         torch.manual_seed(args.seed)
-        grn = bool(args.random_init)
+        grn = None if args.random_init else False  # None: the record's block (V2: GRN, V1: LayerScale)
         name = canonical_name(args.random_init or args.random_init_no_grn)
         model = create_model(name, num_classes=0, in_chans=args.in_chans or 3, use_grn=grn).eval()
         return model, {"what": f"random init of {name} (seed {args.seed})", "model": name, "layout": None,
-                       "use_grn": grn, "metadata": {}}
+                       "use_grn": model.use_grn, "metadata": {}}
     model, info = load_encoder(args.weights, args.in_chans, args.ema)
     return model, {"what": info["path"], "model": info["name"], "layout": info["layout"], "use_grn": model.use_grn,
                    "metadata": info["metadata"]}

@@ -1,4 +1,4 @@
-"""Dense ConvNeXt V2 (Woo et al., CVPR 2023) with a registry of variants.
+"""Dense ConvNeXt V2 (Woo et al., CVPR 2023) and V1 (Liu et al., CVPR 2022) with a registry of variants.
 
 Internally the network runs channels-last: feature maps are ``(N, C, H, W)`` tensors in
 ``torch.channels_last`` memory format, so ``x.permute(0, 2, 3, 1)`` is a free view on which
@@ -6,8 +6,9 @@ LayerNorm and the two Linears of every block run as plain matmuls.
 
 Parameter names follow the official dense ConvNeXt V2 code (``downsample_layers``, ``stages``,
 ``dwconv``, ``pwconv1``, ``grn``, ``pwconv2``, ``norm``, ``head``), except that GRN's ``gamma`` and
-``beta`` are stored as ``(4C,)`` vectors. The sparse encoder (``sparse.py``) reuses these modules,
-so the dense and sparse encoders have identical state dict keys and shapes.
+``beta`` are stored as ``(4C,)`` vectors; a V1 block's LayerScale is ``gamma`` ``(C,)``, as in the official
+V1 code. The two families differ only in the block's channel-mixing finisher (``Block``). The sparse encoder
+(``sparse.py``) reuses these modules, so the dense and sparse encoders have identical state dict keys and shapes.
 """
 
 from __future__ import annotations
@@ -182,13 +183,16 @@ def _fuse_grn_linear(tokens: Tensor, linear: nn.Linear) -> bool:
 
 
 class Block(nn.Module):
-    """ConvNeXt V2 block: dwconv 7x7 -> LayerNorm -> Linear 4x -> GELU -> GRN -> Linear, residual.
+    """ConvNeXt block: dwconv 7x7 -> LayerNorm -> Linear 4x -> GELU -> [GRN] -> Linear -> [LayerScale], residual.
 
-    ``use_grn=False`` gives the same block without GRN (``grn`` is None: no GRN parameters at all), the ablation
-    of the ConvNeXt V2 paper (a ConvNeXt V1 block without layer scale).
+    The finisher of the channel mixing comes from the variant's record: ConvNeXt V2 has GRN after the activation
+    (``use_grn``), ConvNeXt V1 a learned per-channel scale ``gamma`` ``(C,)`` of the MLP's output, initialised to
+    ``ls_init_value`` (LayerScale). ``use_grn=False`` without LayerScale is the ablation of the ConvNeXt V2 paper.
+    Absent parts have no parameters at all (``grn``/``gamma`` are None).
     """
 
-    def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 7, use_grn: bool = True) -> None:
+    def __init__(self, dim: int, drop_path: float = 0.0, kernel_size: int = 7, use_grn: bool = True,
+                 ls_init_value: float | None = None) -> None:
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -196,12 +200,20 @@ class Block(nn.Module):
         self.act = nn.GELU()
         self.grn = GRN(4 * dim) if use_grn else None
         self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), ls_init_value)) if ls_init_value is not None else None
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def _scale(self, y: Tensor) -> Tensor:
+        """LayerScale of the MLP's channels-last output ``(..., C)`` (identity without one), in ``y``'s dtype."""
+        return y if self.gamma is None else y * self.gamma.to(y.dtype)
 
     def mlp(self, x: Tensor) -> Tensor:
         """The per-position part on channels-last ``(N, ..., C)`` input -> same shape; GRN pools each sample over
         all axes between the first and the last (the visible tokens of the sparse encoder, ``H, W`` when dense)."""
-        x = self._expand(x)
+        return self._scale(self._mix(self._expand(x)))
+
+    def _mix(self, x: Tensor) -> Tensor:
+        """[GRN ->] the last Linear: the expansion's output ``(N, ..., 4C)`` -> ``(N, ..., C)``."""
         if self.grn is None:
             return self.pwconv2(x)
         n, d = x.shape[0], x.shape[-1]
@@ -251,7 +263,7 @@ class Block(nn.Module):
             h = self.grn(h, dims=(1, 2))
         h = gather_rows(h.reshape(n, -1, h.shape[-1]), rows)
         shortcut = gather_rows(x.permute(0, 2, 3, 1).reshape(n, -1, c), rows)
-        return shortcut + self.drop_path(self.pwconv2(h))
+        return shortcut + self.drop_path(self._scale(self.pwconv2(h)))
 
 
 def _stem(in_chans: int, dim: int) -> nn.Sequential:
@@ -268,7 +280,7 @@ class ConvNeXtV2Trunk(nn.Module):
     (``SparseConvNeXtV2(trunk)``), so their parameters are these, by construction."""
 
     def __init__(self, *, depths: Sequence[int], dims: Sequence[int], in_chans: int = 3, drop_path_rate: float = 0.0,
-                 use_grn: bool = True) -> None:
+                 use_grn: bool = True, ls_init_value: float | None = None) -> None:
         super().__init__()
         if len(depths) != 4 or len(dims) != 4:
             raise ValueError(f"depths and dims need 4 stages, got depths={depths} dims={dims}")
@@ -276,6 +288,8 @@ class ConvNeXtV2Trunk(nn.Module):
         self.depths = tuple(depths)
         self.dims = tuple(dims)
         self.use_grn = use_grn
+        # the block's finisher (``Block``): GRN (V2) and/or LayerScale (V1); the FCMAE decoder builds its blocks alike
+        self.block_args: dict[str, Any] = {"use_grn": use_grn, "ls_init_value": ls_init_value}
         # "single" (one layer per block) or "group" (the official rule of base/large/huge): see group_matcher
         self.layer_decay_type = "single"
         self.downsample_layers = nn.ModuleList([_stem(in_chans, dims[0])])
@@ -287,7 +301,7 @@ class ConvNeXtV2Trunk(nn.Module):
         self.stages = nn.ModuleList()
         cur = 0
         for i in range(4):
-            blocks = [Block(dims[i], rates[cur + j], use_grn=use_grn) for j in range(depths[i])]
+            blocks = [Block(dims[i], rates[cur + j], **self.block_args) for j in range(depths[i])]
             self.stages.append(Stage(blocks))
             cur += depths[i]
         self.num_features = dims[-1]
@@ -325,9 +339,9 @@ class ConvNeXtV2Trunk(nn.Module):
         return ordinal
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters without weight decay besides the 1-D ones and biases: none in ConvNeXt V2 (GRN gamma/beta
-        and LayerNorm weights are 1-D). timm's ConvNeXt defines none either (its optimizer factory then exempts
-        exactly the 1-D parameters, as ``fcmae.train.trainer.param_groups`` does)."""
+        """Parameters without weight decay besides the 1-D ones and biases: none in ConvNeXt (GRN gamma/beta,
+        LayerScale gamma and LayerNorm weights are 1-D). timm's ConvNeXt defines none either (its optimizer factory
+        then exempts exactly the 1-D parameters, as ``fcmae.train.trainer.param_groups`` does)."""
         return set()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -335,7 +349,8 @@ class ConvNeXtV2Trunk(nn.Module):
         set_grad_checkpointing(self, enable)
 
     def init_weights(self) -> None:
-        """Truncated normal (std .02) for conv/linear weights, zero biases; LayerNorm 1/0; GRN 0/0."""
+        """Truncated normal (std .02) for conv/linear weights, zero biases; LayerNorm 1/0; GRN 0/0; LayerScale
+        ``ls_init_value`` (set when built)."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 trunc_normal_(m.weight, std=0.02)
@@ -353,6 +368,7 @@ class AdoptedTrunk(nn.Module):
         super().__init__()
         self.in_chans, self.depths, self.dims = trunk.in_chans, trunk.depths, trunk.dims
         self.use_grn, self.num_features = trunk.use_grn, trunk.num_features
+        self.block_args = trunk.block_args
         self.downsample_layers = trunk.downsample_layers
         self.stages = trunk.stages
 
@@ -363,7 +379,8 @@ class ConvNeXtV2(ConvNeXtV2Trunk):
     ``forward_features``: ``(N, in_chans, H, W)`` -> ``(N, C, H/32, W/32)``;
     ``forward_head``: that map -> ``(N, num_classes)`` logits (global average pool, LayerNorm, Linear);
     with ``num_classes=0`` the head is the identity and ``forward`` returns the normalised pooled features.
-    ``trunk``: the architecture's keywords (``ConvNeXtV2Trunk``: in_chans, depths, dims, drop_path_rate, use_grn).
+    ``trunk``: the architecture's keywords (``ConvNeXtV2Trunk``: in_chans, depths, dims, drop_path_rate, use_grn,
+    ls_init_value).
     """
 
     def __init__(self, *, num_classes: int = 1000, head_init_scale: float = 1.0, **trunk: Any) -> None:
@@ -446,21 +463,26 @@ class ConvNeXtV2(ConvNeXtV2Trunk):
 
 
 
-def build_convnextv2(name: str, *, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
-                     head_init_scale: float = 1.0, use_grn: bool = True) -> ConvNeXtV2:
-    """A dense ConvNeXt V2 variant from the registry, freshly initialised (``fcmae.create_model`` adds
-    ``pretrained=``). ``use_grn=False``: blocks without GRN (no GRN parameters)."""
+def architecture(name: str, use_grn: bool | None = None) -> dict[str, Any]:
+    """The trunk's architecture keywords of a registered variant: depths, dims and its block (GRN, LayerScale).
+    ``use_grn``: None for the record's (V2: GRN, V1: none); False removes GRN (the ablation), True adds it."""
     v = get_variant(name)
-    return ConvNeXtV2(num_classes=num_classes, head_init_scale=head_init_scale, in_chans=in_chans, depths=v.depths,
-                      dims=v.dims, drop_path_rate=drop_path_rate, use_grn=use_grn)
+    return {"depths": v.depths, "dims": v.dims, "use_grn": v.use_grn if use_grn is None else use_grn,
+            "ls_init_value": v.ls_init_value}
 
 
-def build_trunk(name: str, *, in_chans: int = 3, drop_path_rate: float = 0.0, use_grn: bool = True
+def build_convnextv2(name: str, *, num_classes: int = 1000, in_chans: int = 3, drop_path_rate: float = 0.0,
+                     head_init_scale: float = 1.0, use_grn: bool | None = None) -> ConvNeXtV2:
+    """A dense ConvNeXt variant (V2 or V1) from the registry, freshly initialised (``fcmae.create_model`` adds
+    ``pretrained=``). ``use_grn``: see ``architecture`` (False: blocks without GRN, no GRN parameters)."""
+    return ConvNeXtV2(num_classes=num_classes, head_init_scale=head_init_scale, in_chans=in_chans,
+                      drop_path_rate=drop_path_rate, **architecture(name, use_grn))
+
+
+def build_trunk(name: str, *, in_chans: int = 3, drop_path_rate: float = 0.0, use_grn: bool | None = None
                 ) -> ConvNeXtV2Trunk:
     """The encoder modules of a registered variant, initialised (no final norm, no head): what the sparse encoders
     and the masked-dense reference are made from."""
-    v = get_variant(name)
-    trunk = ConvNeXtV2Trunk(in_chans=in_chans, depths=v.depths, dims=v.dims, drop_path_rate=drop_path_rate,
-                            use_grn=use_grn)
+    trunk = ConvNeXtV2Trunk(in_chans=in_chans, drop_path_rate=drop_path_rate, **architecture(name, use_grn))
     trunk.init_weights()
     return trunk

@@ -104,7 +104,8 @@ class FCMAE(nn.Module):
         self.encoder = encoder
         self.proj = nn.Linear(encoder.num_features, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
-        self.decoder = Stage(Block(decoder_embed_dim, use_grn=encoder.use_grn) for _ in range(decoder_depth))
+        # the decoder's blocks are the encoder's kind (V2: GRN; V1: LayerScale; the no-GRN ablation: neither)
+        self.decoder = Stage(Block(decoder_embed_dim, **encoder.block_args) for _ in range(decoder_depth))
         self.pred = nn.Linear(decoder_embed_dim, STRIDE * STRIDE * self.in_chans)
         self._init_decoder()
 
@@ -223,12 +224,14 @@ class FCMAE(nn.Module):
 
 
 def create_fcmae(name: str, *, in_chans: int = 3, decoder_depth: int = 1, decoder_embed_dim: int = 512,
-                 norm_pix_loss: bool = True, drop_path_rate: float = 0.0, backend: str = "torch", use_grn: bool = True
-                 ) -> FCMAE:
-    """FCMAE around the named ConvNeXt V2 variant (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``).
+                 norm_pix_loss: bool = True, drop_path_rate: float = 0.0, backend: str = "torch",
+                 use_grn: bool | None = None) -> FCMAE:
+    """FCMAE around the named ConvNeXt variant (``convnextv2_atto`` ... ``convnextv2_huge``, ``convnextv2_test``, and
+    ConvNeXt V1's ``convnext_atto`` ... ``convnext_xlarge``, LayerScale blocks).
 
-    ``backend``: ``"torch"`` (default) or ``"minkowski"`` (needs MinkowskiEngine: ``scripts/install_minkowski.sh``).
-    ``use_grn=False``: encoder and decoder blocks without GRN (the paper's ablation).
+    ``backend``: ``"torch"`` (default) or ``"minkowski"`` (needs MinkowskiEngine: ``scripts/install_minkowski.sh``;
+    ConvNeXt V2 with GRN only). ``use_grn``: None for the record's; False: encoder and decoder blocks without GRN
+    (the paper's ablation).
     """
     trunk = build_trunk(name, in_chans=in_chans, drop_path_rate=drop_path_rate, use_grn=use_grn)
     return FCMAE(sparse_encoder(trunk, backend), decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,

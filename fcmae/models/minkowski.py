@@ -274,8 +274,9 @@ class MinkowskiConvNeXtV2(AdoptedTrunk):
 
     def __init__(self, trunk: ConvNeXtV2Trunk) -> None:
         me = import_minkowski()
-        if not trunk.use_grn:
-            raise ValueError("use_grn=False (model.use_grn=false) is not available with the minkowski backend")
+        if not trunk.use_grn or trunk.block_args["ls_init_value"] is not None:
+            raise ValueError("the minkowski backend builds ConvNeXt V2 blocks with GRN only (not model.use_grn=false, "
+                             "not ConvNeXt V1's LayerScale blocks); use model.backend=torch")
         super().__init__(trunk)
         object.__setattr__(self, "official", _OfficialLayout(trunk, me))
 

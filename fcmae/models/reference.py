@@ -44,8 +44,13 @@ def _masked_block(x: Tensor, blk: Block, visible_nchw: Tensor, visible_nhwc: Ten
     y = F.gelu(F.linear(y, blk.pwconv1.weight, blk.pwconv1.bias))
     if blk.grn is not None:
         y = _masked_grn(y, blk.grn, visible_nhwc)
-    y = F.linear(y, blk.pwconv2.weight, blk.pwconv2.bias)
+    y = _layer_scale(F.linear(y, blk.pwconv2.weight, blk.pwconv2.bias), blk)
     return x + blk.drop_path(y.permute(0, 3, 1, 2))
+
+
+def _layer_scale(y: Tensor, blk: Block) -> Tensor:
+    """ConvNeXt V1's LayerScale on channels-last ``y`` (nothing for V2 blocks, which have no ``gamma``)."""
+    return y if blk.gamma is None else y * blk.gamma
 
 
 def _plain_block(x: Tensor, blk: Block) -> Tensor:
@@ -55,7 +60,7 @@ def _plain_block(x: Tensor, blk: Block) -> Tensor:
     y = F.gelu(F.linear(y, blk.pwconv1.weight, blk.pwconv1.bias))
     if blk.grn is not None:
         y = blk.grn(y, dims=(1, 2))
-    y = F.linear(y, blk.pwconv2.weight, blk.pwconv2.bias)
+    y = _layer_scale(F.linear(y, blk.pwconv2.weight, blk.pwconv2.bias), blk)
     return x + blk.drop_path(y.permute(0, 3, 1, 2))
 
 
@@ -93,7 +98,7 @@ class ReferenceFCMAE(nn.Module):
         self.encoder = trunk
         self.proj = nn.Linear(trunk.num_features, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(decoder_embed_dim))
-        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, use_grn=trunk.use_grn) for _ in range(decoder_depth)])
+        self.decoder = nn.Sequential(*[Block(decoder_embed_dim, **trunk.block_args) for _ in range(decoder_depth)])
         self.pred = nn.Linear(decoder_embed_dim, STRIDE * STRIDE * trunk.in_chans)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -128,8 +133,8 @@ class ReferenceFCMAE(nn.Module):
         return {"loss": loss, "pred": pred, "mask": mask}
 
 
-def create_reference_fcmae(name: str, *, in_chans: int = 3, drop_path_rate: float = 0.0, use_grn: bool = True,
-                           **decoder: Any) -> ReferenceFCMAE:
+def create_reference_fcmae(name: str, *, in_chans: int = 3, drop_path_rate: float = 0.0,
+                           use_grn: bool | None = None, **decoder: Any) -> ReferenceFCMAE:
     """The masked-dense reference of ``create_fcmae(name, ...)``; ``decoder``: ``ReferenceFCMAE``'s keywords."""
     trunk = build_trunk(name, in_chans=in_chans, drop_path_rate=drop_path_rate, use_grn=use_grn)
     return ReferenceFCMAE(trunk, **decoder)

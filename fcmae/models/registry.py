@@ -1,8 +1,9 @@
-"""The variant registry: one record per ConvNeXt V2 variant, the only place that lists depths and widths.
+"""The variant registry: one record per ConvNeXt variant (V2 and V1), the only place that lists depths and widths.
 
-Every fact about a variant that more than one layer needs lives here: its stage depths and widths, the name timm
-gives it and whether timm builds its MLPs as 1x1 convolutions, the paper's parameter count, and the model-wide
-names (stem weight, classifier) and default normalisation statistics. Converters, loaders, configs and data code
+Every fact about a variant that more than one layer needs lives here: its stage depths and widths, its block
+(ConvNeXt V2's GRN or ConvNeXt V1's LayerScale), the name timm gives it and whether timm builds its MLPs as 1x1
+convolutions, the paper's parameter count, and the model-wide names (stem weight, classifier) and default
+normalisation statistics. Converters, loaders, configs and data code
 read these records instead of restating them.
 """
 
@@ -24,13 +25,20 @@ GRAY_STD: tuple[float] = (0.226,)
 MASK_RATIO = 0.6
 
 
+# ConvNeXt V1's LayerScale initial value (Liu et al. 2022; timm's ``ls_init_value`` default)
+V1_LS_INIT = 1e-6
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One ConvNeXt V2 variant.
+    """One ConvNeXt variant.
 
-    ``depths``/``dims``: blocks and channels of the four stages. ``timm_conv_mlp``: timm builds this variant with
-    ``conv_mlp=True`` (MLP weights stored as ``(out, in, 1, 1)`` convs). ``in_timm``: timm has a model of this name.
-    ``paper_params_m``: the paper's parameter count in millions (1000-class classifier), None for ours.
+    ``depths``/``dims``: blocks and channels of the four stages. ``use_grn``: the block's MLP has GRN after its
+    activation (ConvNeXt V2). ``ls_init_value``: the block scales its output per channel by a learned LayerScale
+    ``gamma`` initialised to this value (ConvNeXt V1), None for no LayerScale (V2). ``timm_conv_mlp``: timm builds
+    this variant with ``conv_mlp=True`` (MLP weights stored as ``(out, in, 1, 1)`` convs). ``in_timm``: timm has a
+    model of this name. ``paper_params_m``: the paper's parameter count in millions (1000-class classifier), None
+    where no paper gives one.
     """
 
     name: str
@@ -39,6 +47,20 @@ class Variant:
     timm_conv_mlp: bool
     in_timm: bool = True
     paper_params_m: float | None = None
+    use_grn: bool = True
+    ls_init_value: float | None = None
+
+    @property
+    def family(self) -> str:
+        """``"v2"`` (GRN blocks) or ``"v1"`` (LayerScale blocks)."""
+        return "v1" if self.ls_init_value is not None else "v2"
+
+
+def _v1(name: str, depths: tuple[int, int, int, int], dims: tuple[int, int, int, int], conv_mlp: bool,
+        paper_params_m: float | None = None, in_timm: bool = True) -> Variant:
+    """A ConvNeXt V1 record: LayerScale blocks without GRN, named as timm names it."""
+    return Variant(name, depths, dims, timm_conv_mlp=conv_mlp, paper_params_m=paper_params_m, use_grn=False,
+                   ls_init_value=V1_LS_INIT, in_timm=in_timm)
 
 
 _VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -51,6 +73,18 @@ _VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("convnextv2_base", (3, 3, 27, 3), (128, 256, 512, 1024), timm_conv_mlp=False, paper_params_m=89.0),
     Variant("convnextv2_large", (3, 3, 27, 3), (192, 384, 768, 1536), timm_conv_mlp=False, paper_params_m=198.0),
     Variant("convnextv2_huge", (3, 3, 27, 3), (352, 704, 1408, 2816), timm_conv_mlp=False, paper_params_m=660.0),
+    # ConvNeXt V1: tiny ... xlarge from "A ConvNet for the 2020s" (its parameter counts, whole millions); atto ... nano
+    # are timm's small models (no paper count)
+    _v1("convnext_test", (1, 1, 2, 1), (8, 16, 24, 32), conv_mlp=True, in_timm=False),  # tests' tiny V1
+    _v1("convnext_atto", (2, 2, 6, 2), (40, 80, 160, 320), conv_mlp=True),
+    _v1("convnext_femto", (2, 2, 6, 2), (48, 96, 192, 384), conv_mlp=True),
+    _v1("convnext_pico", (2, 2, 6, 2), (64, 128, 256, 512), conv_mlp=True),
+    _v1("convnext_nano", (2, 2, 8, 2), (80, 160, 320, 640), conv_mlp=True),
+    _v1("convnext_tiny", (3, 3, 9, 3), (96, 192, 384, 768), conv_mlp=False, paper_params_m=29.0),
+    _v1("convnext_small", (3, 3, 27, 3), (96, 192, 384, 768), conv_mlp=False, paper_params_m=50.0),
+    _v1("convnext_base", (3, 3, 27, 3), (128, 256, 512, 1024), conv_mlp=False, paper_params_m=89.0),
+    _v1("convnext_large", (3, 3, 27, 3), (192, 384, 768, 1536), conv_mlp=False, paper_params_m=198.0),
+    _v1("convnext_xlarge", (3, 3, 27, 3), (256, 512, 1024, 2048), conv_mlp=False, paper_params_m=350.0),
 )}
 
 
@@ -60,8 +94,9 @@ def list_models() -> list[str]:
 
 
 def canonical_name(name: str) -> str:
-    """``atto`` -> ``convnextv2_atto``; unknown names are a ``ValueError`` listing the known ones."""
-    key = name if name.startswith("convnextv2_") else f"convnextv2_{name}"
+    """``atto`` -> ``convnextv2_atto`` (a bare size names the V2 variant; V1 ones are spelled ``convnext_atto``);
+    unknown names are a ``ValueError`` listing the known ones."""
+    key = name if name in _VARIANTS or name.startswith("convnextv2_") else f"convnextv2_{name}"
     if key not in _VARIANTS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(_VARIANTS)}")
     return key
@@ -72,9 +107,11 @@ def get_variant(name: str) -> Variant:
     return _VARIANTS[canonical_name(name)]
 
 
-def variant_of(depths: tuple[int, ...], dims: tuple[int, ...]) -> str | None:
-    """The registered variant with these depths and widths, or None."""
-    return next((v.name for v in _VARIANTS.values() if v.depths == tuple(depths) and v.dims == tuple(dims)), None)
+def variant_of(depths: tuple[int, ...], dims: tuple[int, ...], layer_scale: bool = False) -> str | None:
+    """The registered variant with these depths and widths, or None: a V1 one (LayerScale blocks) when
+    ``layer_scale``, else a V2 one (V1 and V2 share the shapes of atto ... nano, base and large)."""
+    return next((v.name for v in _VARIANTS.values() if v.depths == tuple(depths) and v.dims == tuple(dims)
+                 and (v.ls_init_value is not None) == layer_scale), None)
 
 
 def mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

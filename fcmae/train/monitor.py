@@ -20,7 +20,7 @@ CACHE_BYTES = 512 * 2**20
 class KnnMonitor:
     """k-NN top-1 of an encoder on ``cfg.val`` with ``cfg.train`` as memory (a ``MonitorConfig``)."""
 
-    def __init__(self, cfg: Any, model_name: str, in_chans: int, input_size: int, use_grn: bool,
+    def __init__(self, cfg: Any, model_name: str, in_chans: int, input_size: int, use_grn: bool | None,
                  data_root: str | None = None) -> None:
         from fcmae.data import build_eval_transform, dataset_targets, first_per_class, labelled_dataset
         from fcmae.weights.loader import create_model

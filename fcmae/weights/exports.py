@@ -60,15 +60,16 @@ def timm_config(variant: str, dense: Mapping[str, Tensor], image_size: int = 224
                 ) -> dict[str, Any]:
     """``config.json`` for ``timm.create_model("local-dir:...")`` (what timm's ``save_config_for_hf`` writes).
 
-    ``architecture`` is the timm name of ``variant``; variants timm lacks (``convnextv2_test``) are built as
-    ``convnextv2_atto`` (same 1x1-conv MLP) with their own ``depths``/``dims`` in ``model_args``.
+    ``architecture`` is the timm name of ``variant``; variants timm lacks (``convnextv2_test``, ``convnext_test``) are
+    built as the atto of their family (same 1x1-conv MLP, same block) with their own ``depths``/``dims`` in
+    ``model_args``.
     """
     spec = get_variant(variant)
     num_classes, in_chans = _num_classes(dense), infer_in_chans(dense)
     model_args: dict[str, Any] = {}
     arch = variant
     if not spec.in_timm:
-        arch = "convnextv2_atto"
+        arch = "convnext_atto" if spec.family == "v1" else "convnextv2_atto"
         model_args.update(depths=list(spec.depths), dims=list(spec.dims))
     if in_chans != 3:
         model_args["in_chans"] = in_chans
@@ -84,6 +85,9 @@ def timm_config(variant: str, dense: Mapping[str, Tensor], image_size: int = 224
 
 def transformers_config_json(variant: str, dense: Mapping[str, Tensor], image_size: int = 224) -> str:
     """``config.json`` text for ``ConvNextV2Model`` / ``ConvNextV2ForImageClassification`` (needs transformers)."""
+    if get_variant(variant).family == "v1":
+        raise ConversionError(f"--to transformers writes ConvNeXt V2 models (ConvNextV2Model); {variant} is a "
+                              "ConvNeXt V1 (LayerScale blocks): export it with --to timm")
     try:
         from transformers import ConvNextV2Config
     except ImportError as exc:

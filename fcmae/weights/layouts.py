@@ -2,7 +2,10 @@
 
 Layouts (``detect_layout`` names):
 - ``dense``: ours (``fcmae.create_model``): ``downsample_layers.*``, ``stages.i.j.{dwconv,norm,pwconv1,grn,pwconv2}``,
-  ``norm``, ``head``; GRN ``gamma``/``beta`` of shape ``(4C,)``.
+  ``norm``, ``head``; GRN ``gamma``/``beta`` of shape ``(4C,)``. ConvNeXt V1 variants have no ``grn`` but a
+  LayerScale ``stages.i.j.gamma`` ``(C,)``: exactly the official ConvNeXt V1 code's names and shapes
+  (facebookresearch/ConvNeXt ``convnext_*_1k_224.pth``, whose ``{"model": ...}`` wrapper the file reader unwraps),
+  so official V1 checkpoints are this layout.
 - ``fcmae``: our pretraining checkpoint (``fcmae.models.fcmae.FCMAE``): the dense names under ``encoder.`` (no final
   ``norm``/``head``), plus the decoder: ``proj.*``, ``mask_token``, ``decoder.*``, ``pred.*``.
 - ``official_sparse``: the official FCMAE checkpoint with its MinkowskiEngine encoder, under ``encoder.``: the stem is
@@ -17,8 +20,9 @@ Layouts (``detect_layout`` names):
   with no ``encoder.`` prefix, GRN ``gamma``/``beta`` of shape ``(1, 4C)``, no final ``norm``/``head``; official
   decoder keys may be present (dropped).
 - ``timm``: ``timm.create_model('convnextv2_*')``: ``stem.*``, ``stages.i.downsample.*``,
-  ``stages.i.blocks.j.{conv_dw,norm,mlp.fc1,mlp.grn,mlp.fc2}``, ``head.norm``, ``head.fc``. The small variants
-  (atto ... nano) use 1x1 convolutions for the MLP, so ``fc1``/``fc2`` weights are ``(out, in, 1, 1)`` there.
+  ``stages.i.blocks.j.{conv_dw,norm,mlp.fc1,mlp.grn,mlp.fc2}``, ``head.norm``, ``head.fc``; ``convnext_*`` (V1) has
+  ``stages.i.blocks.j.gamma`` instead of ``mlp.grn``. The small variants (atto ... nano) use 1x1 convolutions for
+  the MLP, so ``fc1``/``fc2`` weights are ``(out, in, 1, 1)`` there.
 - ``transformers``: Hugging Face ``ConvNextV2Model`` / ``ConvNextV2ForImageClassification`` (``convnextv2.`` prefix
   and ``classifier``): ``embeddings.{patch_embeddings,layernorm}``, ``encoder.stages.i.downsampling_layer.{0,1}``,
   ``encoder.stages.i.layers.j.{dwconv,layernorm,pwconv1,grn,pwconv2}``, ``layernorm``; GRN ``weight``/``bias``
@@ -47,9 +51,10 @@ _BLOCK_DENSE_TO_TIMM = {
     "grn.gamma": "mlp.grn.weight",
     "grn.beta": "mlp.grn.bias",
     "pwconv2": "mlp.fc2",
+    "gamma": "gamma",  # ConvNeXt V1's LayerScale
 }
 _BLOCK_TIMM_TO_DENSE = {v: k for k, v in _BLOCK_DENSE_TO_TIMM.items()}
-_DENSE_BLOCK_RE = r"stages\.(\d+)\.(\d+)\.(dwconv|norm|pwconv1|pwconv2|grn\.gamma|grn\.beta)(\.weight|\.bias)?"
+_DENSE_BLOCK_RE = r"stages\.(\d+)\.(\d+)\.(dwconv|norm|pwconv1|pwconv2|grn\.gamma|grn\.beta|gamma)(\.weight|\.bias)?"
 
 
 class ConversionError(ValueError):
@@ -63,9 +68,12 @@ def _fail_unplaced(keys: list[str], what: str) -> None:
 
 
 def dense_to_timm(state_dict: StateDict, model_name: str) -> StateDict:
-    """Our dense layout -> timm's ``convnextv2_*`` layout (MLP weights shaped as timm's variant expects)."""
-    conv_mlp = get_variant(model_name).timm_conv_mlp
-    state_dict = with_identity_grn(state_dict)
+    """Our dense layout -> timm's ``convnextv2_*`` / ``convnext_*`` layout (MLP weights shaped as timm's variant
+    expects). GRN-free weights of a V2 variant get identity GRNs (timm's V2 always has them); V1 has none."""
+    spec = get_variant(model_name)
+    conv_mlp = spec.timm_conv_mlp
+    if spec.use_grn:
+        state_dict = with_identity_grn(state_dict)
     out: StateDict = {}
     unplaced: list[str] = []
     for key, t in state_dict.items():
@@ -90,7 +98,8 @@ def dense_to_timm(state_dict: StateDict, model_name: str) -> StateDict:
 
 
 def timm_to_dense(state_dict: StateDict) -> StateDict:
-    """timm's ``convnextv2_*`` layout -> our dense layout (1x1 conv MLP weights flattened to Linear weights)."""
+    """timm's ``convnextv2_*`` / ``convnext_*`` layout -> our dense layout (1x1 conv MLP weights flattened to Linear
+    weights)."""
     out: StateDict = {}
     unplaced: list[str] = []
     for key, t in state_dict.items():
@@ -99,7 +108,7 @@ def timm_to_dense(state_dict: StateDict) -> StateDict:
         elif m := re.fullmatch(r"stages\.([123])\.downsample\.([01])\.(weight|bias)", key):
             new = f"downsample_layers.{m[1]}.{m[2]}.{m[3]}"
         elif m := re.fullmatch(r"stages\.(\d+)\.blocks\.(\d+)\.(conv_dw|norm|mlp\.fc1|mlp\.fc2|mlp\.grn\.weight|"
-                               r"mlp\.grn\.bias)(\.weight|\.bias)?", key):
+                               r"mlp\.grn\.bias|gamma)(\.weight|\.bias)?", key):
             new = f"stages.{m[1]}.{m[2]}.{_BLOCK_TIMM_TO_DENSE[m[3]]}{m[4] or ''}"
             if m[3] in ("mlp.fc1", "mlp.fc2") and m[4] == ".weight" and t.ndim == 4:
                 t = t.reshape(t.shape[0], t.shape[1])
@@ -196,6 +205,7 @@ _DENSE_KEY_RE = re.compile(
     r"downsample_layers\.[0-3]\.[01]\.(weight|bias)"
     r"|stages\.\d+\.\d+\.(dwconv|norm|pwconv1|pwconv2)\.(weight|bias)"
     r"|stages\.\d+\.\d+\.grn\.(gamma|beta)"
+    r"|stages\.\d+\.\d+\.gamma"
     r"|(norm|head)\.(weight|bias)"
 )
 _SPARSE_MARK_RE = re.compile(r"\.kernel$|\.ln\.|\.linear\.")
@@ -204,12 +214,18 @@ _HF_MARK_RE = re.compile(
     r"^(convnextv2\.)?(embeddings\.patch_embeddings\.|encoder\.stages\.\d+\.(layers|downsampling_layer)\.)"
 )
 _GRN_GAMMA_RE = re.compile(r"stages\.\d+\.\d+\.grn\.gamma")
+_LAYER_SCALE_RE = re.compile(r"stages\.\d+\.\d+\.gamma")
 _STAGE_KEY_RE = re.compile(r"stages\.\d+\.\d+\.(dwconv|pwconv1)\.weight$")
 
 
 def has_grn(dense_sd: Mapping[str, Tensor]) -> bool:
     """Whether dense weights have GRN parameters (False: a model built with ``use_grn=False``)."""
     return any(_GRN_GAMMA_RE.fullmatch(k) for k in dense_sd)
+
+
+def has_layer_scale(dense_sd: Mapping[str, Tensor]) -> bool:
+    """Whether dense weights have ConvNeXt V1's LayerScale (``stages.i.j.gamma``): a V1 variant's weights."""
+    return any(_LAYER_SCALE_RE.fullmatch(k) for k in dense_sd)
 
 
 def with_identity_grn(dense_sd: Mapping[str, Tensor]) -> StateDict:
@@ -449,12 +465,17 @@ def infer_depths_dims(dense_sd: Mapping[str, Tensor]) -> tuple[tuple[int, ...], 
 
 
 def infer_variant(dense_sd: Mapping[str, Tensor]) -> str:
-    """The registered variant (``convnextv2_*``) whose depths and dims match the weights."""
+    """The registered variant whose depths and dims match the weights: ``convnext_*`` (V1) when they have LayerScale,
+    else ``convnextv2_*``."""
     depths, dims = infer_depths_dims(dense_sd)
-    if (name := variant_of(depths, dims)) is not None:
+    layer_scale = has_layer_scale(dense_sd)
+    if (name := variant_of(depths, dims, layer_scale)) is not None:
         return name
-    known = "; ".join(f"{n} {get_variant(n).depths}/{get_variant(n).dims}" for n in list_models())
-    raise ConversionError(f"no registered variant has depths {depths} and dims {dims} (known: {known})")
+    known = "; ".join(f"{n} {get_variant(n).depths}/{get_variant(n).dims}" for n in list_models()
+                      if (get_variant(n).ls_init_value is not None) == layer_scale)
+    family = "ConvNeXt V1 (LayerScale)" if layer_scale else "ConvNeXt V2"
+    raise ConversionError(f"no registered variant has depths {depths} and dims {dims} among the {family} ones "
+                          f"(known: {known})")
 
 
 def expected_dense_shapes(model_name: str, num_classes: int = 0, in_chans: int = 3, use_grn: bool = True
@@ -489,6 +510,8 @@ def expected_dense_shapes(model_name: str, num_classes: int = 0, in_chans: int =
             })
             if use_grn:
                 shapes.update({p + "grn.gamma": (4 * c,), p + "grn.beta": (4 * c,)})
+            if spec.ls_init_value is not None:
+                shapes[p + "gamma"] = (c,)
     shapes["norm.weight"] = (d[-1],)
     shapes["norm.bias"] = (d[-1],)
     if num_classes > 0:
