@@ -78,7 +78,8 @@ def test_set_grad_checkpointing_equals_timm_gradients():
     assert worst <= 1e-3, worst
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if get_variant(n).in_timm])
+# V2 only: timm's V1 records are of other recipes (its own crop_pct per tag), and fcmae's record is V2's
+@pytest.mark.parametrize("name", [n for n in list_models() if get_variant(n).in_timm and get_variant(n).family == "v2"])
 def test_pretrained_cfg_fields_equal_timms(name):
     """Against timm's 224 px ImageNet-1k fine-tuned record of the same variant (no model built: huge is 660 M)."""
     ref = timm.models.get_pretrained_cfg(f"{name}.fcmae_ft_in1k").to_dict()
