@@ -20,6 +20,7 @@ images over several rounds (each piece's fastest round kept; see ``measure``):
   reader sizes them from their tar headers), streamed the same way;
 - ``hf_parquet``: the same images in a Hugging Face parquet dataset written by ``datasets`` (``data.source=hf``,
   the ``Image`` feature's ``{bytes, path}`` rows), as a run builds it (needs ``fcmae[hf]``);
+- ``hf_stream``: the same parquet files streamed (``data.source=hf_stream``), as a run reads them;
 - ``gpu_decode_cpu_form``: the ``data.decode=gpu`` path (bytes and crop parameters in the worker, then the batched
   decode and the crops of ``DeviceDecoder``) with the device = this CPU.
 
@@ -186,6 +187,17 @@ def hf_parquet_set(paths: list[Path], size: int, out: Path) -> Any:
     return build_pretrain_train_set(cfg, 3, 0, (size // 32, size // 32), MASK_RATIO)
 
 
+def hf_stream_set(out: Path, size: int) -> Any:
+    """``hf_parquet_set``'s files streamed (``data.source=hf_stream``: rows read with ``datasets``' streaming
+    reader, shuffle buffer included), as a pretraining run reads them; None without the ``datasets`` library."""
+    if not any(out.glob("*.parquet")):
+        return None
+    ds = build_pretrain_train_set(PretrainDataConfig(source="hf_stream", path=str(out), input_size=size), 3, 0,
+                                  (size // 32, size // 32), MASK_RATIO)
+    ds.configure(0, 1, 32, 1)
+    return ds
+
+
 def _in_batches(ds: Any) -> Any:
     """A callable that takes ``ds``'s items at the given indices through a DataLoader, in batches of 32."""
     return lambda idx: list(DataLoader(Subset(ds, idx), batch_size=32, num_workers=0, collate_fn=collate_samples))
@@ -235,6 +247,8 @@ def main() -> None:
         streams = {"shards": shard_stream(paths, args.size, tmp_path / "shards"),
                    "third_party_shards": third_party_stream(paths, args.size, tmp_path / "wds")}
         maps = {"hf_parquet": hf_parquet_set(paths, args.size, tmp_path / "hf")}
+        streams["hf_stream"] = hf_stream_set(tmp_path / "hf", args.size)
+        streams = {name: ds for name, ds in streams.items() if ds is not None}
         res = measure(paths, args.size, args.rounds, streams, maps)
     load = os.getloadavg()[0]
     print(f"{args.images} JPEGs (mean {kb:.0f} KB), {args.size} px, 1 thread, num_workers=0, pieces of {CHUNK} "
@@ -244,7 +258,7 @@ def main() -> None:
         print(f"| {name} | {ips:.0f} | {ips / res['before']:.2f} |")
     print(f"after / before = {res['after'] / res['before']:.2f}x (target >= 2.5); "
           f"after / PIL decode alone = {res['after'] / res['pil_decode']:.2f} (target >= 0.6)")
-    for name in ("third_party_shards", "hf_parquet"):
+    for name in ("third_party_shards", "hf_parquet", "hf_stream"):
         if name in res:
             print(f"{name} / folders (after) = {res[name] / res['after']:.2f}x (target >= 0.8)")
     if args.json:

@@ -225,7 +225,8 @@ class PretrainDataConfig(DataConfig):
     # demo: images shipped in the package; folder: any folder of images (recursive); imagenet: <path>/train;
     # fashion_mnist: IDX files in `path` (default /usr/share/datasets/fashion-mnist); webdataset: tar shards in
     # `path` (a folder, a brace pattern or a pipe:/URL spec; see fcmae shard); hf: a Hugging Face dataset in `path`
-    # (parquet or arrow files, or a save_to_disk folder). The table of sources: fcmae/data/sources.py
+    # (parquet or arrow files, or a save_to_disk folder); hf_stream: parquet files streamed (a folder, a glob or an
+    # fsspec URL), exact like shards. The table of sources: fcmae/data/sources.py
     source: str = "imagenet"
     # cpu: workers decode and crop (default); gpu: workers read JPEG bytes and draw the crop, the training device
     # decodes (nvJPEG on CUDA, in one batched call) and crops (folder/imagenet sources; other files on the CPU)
@@ -331,7 +332,8 @@ class FinetuneDataConfig(DataConfig):
     # imagenet: <path>/train and <path>/val class folders; folder: train_path / val_path class folders;
     # fashion_mnist: train/test IDX files in `path` (default /usr/share/datasets/fashion-mnist); webdataset:
     # labelled tar shards (`cls`) in train_path / val_path (folders, brace patterns or pipe:/URL specs); hf: a
-    # Hugging Face dataset: train_path / val_path, or `path` holding the train and validation splits
+    # Hugging Face dataset: train_path / val_path, or `path` holding the train and validation splits; hf_stream: the
+    # same, parquet files streamed
     source: str = "imagenet"
     train_path: str = ""
     val_path: str = ""

@@ -1,10 +1,12 @@
-"""``data.source=hf``: a Hugging Face parquet dataset made here with ``datasets`` (JPEG bytes in the ``Image``
-feature, ``ClassLabel`` labels: the layout of the Hub's ImageNet-1k) trains, resumes exactly after SIGKILL
-mid-epoch, fine-tunes to the accuracy of the same images from folders, and an unreadable parquet file is left out
-with one line (or stops the run with one line)."""
+"""``data.source=hf`` and ``hf_stream``: a Hugging Face parquet dataset made here with ``datasets`` (JPEG bytes in
+the ``Image`` feature, ``ClassLabel`` labels: the layout of the Hub's ImageNet-1k), map-style and streamed, trains,
+resumes exactly after SIGKILL mid-epoch, fine-tunes to the accuracy of the same images from folders, and an
+unreadable parquet file is left out with one line (or stops the run with one line); streamed rows are dealt like
+shards (every row once per epoch, equal steps per rank, exact skips)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -82,6 +84,52 @@ def test_rows_every_one_once_per_epoch_with_labels_and_an_unreadable_file(tmp_pa
         build_finetune_data(cfg, 3, seed=0)
 
 
+class _Identity:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _streamed_epoch(root: Path, world: int, workers: int, skip: int = 0, on_bad: str = "skip"
+                    ) -> list[list[tuple[bytes, int, int]]]:
+    """Per rank: (pixel hash, label, skipped) of what ``data.source=hf_stream``'s loader yields in epoch 0
+    (batch 4) after ``skip`` batches."""
+    from torch.utils.data import DataLoader
+
+    from fcmae.data.hf_stream import ParquetSet, RowStream
+
+    out = []
+    for rank in range(world):
+        ds = RowStream(ParquetSet(str(root), "train", "image", "label", on_bad), _Identity(), in_chans=3, seed=0,
+                       labelled=True, on_bad_image=on_bad)
+        ds.configure(rank, world, 4, workers)
+        ds.use_epoch(0)
+        ds.skip_batches(skip)
+        out.append([(hashlib.sha1(x.contiguous().numpy()).digest(), int(y), int(k.sum())) for b in
+                    DataLoader(ds, batch_size=4, num_workers=workers) for x, y, k in zip(b.image, b.target, b.skipped)])
+    return out
+
+
+def test_streamed_rows_every_one_once_equal_steps_exact_resume_and_a_left_out_file(tmp_path: Path) -> None:
+    from fcmae.data.decode import decode_bytes
+    from fcmae.data.images import BadImageError
+
+    root, images = _random_set(tmp_path / "hf")  # 48 rows in 4 files of 12
+    expected = sorted((hashlib.sha1(decode_bytes(b, 3).contiguous().numpy()).digest(), i % 4, 0)
+                      for i, b in enumerate(images))
+    for world, workers in [(1, 0), (1, 2), (2, 0), (2, 2)]:
+        by_rank = _streamed_epoch(root, world, workers)
+        assert len({len(r) for r in by_rank}) == 1  # equal steps on every rank
+        assert sorted(s for r in by_rank for s in r) == expected  # every row once, with its own label
+        for skip in (1, 3):
+            assert _streamed_epoch(root, world, workers, skip) == [r[4 * skip:] for r in by_rank]
+    # a file whose footer does not read: left out with one line, counted once per epoch (stream 0's first sample)
+    (root / "train-00001-of-00004.parquet").write_bytes(b"PAR1 not a parquet file at all PAR1")
+    (run,) = _streamed_epoch(root, 1, 2)  # 3 files of 12 dealt to 2 streams: the smaller (12) sets 3 batches each
+    assert len(run) == 24 and [s[2] for s in run].count(1) == 1 and sum(s[2] for s in run) == 1
+    with pytest.raises(BadImageError, match="parquet file .*train-00001-of-00004.parquet is unreadable"):
+        _streamed_epoch(root, 1, 0, on_bad="error")
+
+
 # ------------------------------------------------------------------------------------------- end to end
 TINY = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_chans=3", "data.source=hf",
         "data.input_size=64", "optim.lr=1e-3", "optim.epochs=2", "optim.warmup_epochs=0.5", "run.progress=false",
@@ -96,11 +144,13 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_pretrain_resumes_exactly_after_sigkill_mid_epoch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["hf", "hf_stream"])
+def test_pretrain_resumes_exactly_after_sigkill_mid_epoch(tmp_path: Path, source: str) -> None:
     from safetensors.torch import load_file
 
-    root, _ = _random_set(tmp_path / "hf", n=32)
-    common = [*TINY, f"data.path={root}", "data.num_workers=2", "run.save_every_steps=3", "run.keep_last=5"]
+    root, _ = _random_set(tmp_path / "hf", n=32)  # streamed: 4 files of 8 dealt to 2 workers, 8 steps an epoch too
+    common = [*TINY, f"data.source={source}", f"data.path={root}", "data.num_workers=2", "run.save_every_steps=3",
+              "run.keep_last=5"]
     ref = subprocess.run([sys.executable, "-m", "fcmae", "pretrain", *common, f"run.output_dir={tmp_path / 'ref'}"],
                          env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -117,15 +167,18 @@ def test_pretrain_resumes_exactly_after_sigkill_mid_epoch(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_an_unreadable_parquet_file_is_one_line_and_bounded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source, steps", [("hf", 9), ("hf_stream", 6)])
+def test_an_unreadable_parquet_file_is_one_line_and_bounded(tmp_path: Path, source: str, steps: int) -> None:
+    """48 rows in 4 files, one unreadable: map-style 36 rows = 9 batches; streamed, 3 files dealt to 2 workers,
+    the smaller stream (12 rows) sets 3 batches each, 6 steps."""
     root, _ = _random_set(tmp_path / "hf")
     (root / "train-00002-of-00004.parquet").write_bytes(b"garbage")
-    rc, err, workers, _ = _run(tmp_path, root, "data.source=hf", "data.max_skipped_fraction=0.1")
+    rc, err, workers, _ = _run(tmp_path, root, f"data.source={source}", "data.max_skipped_fraction=0.1")
     assert rc == 0 and workers <= MAX_WORKERS, err[-3000:]
     summary = json.loads(sorted(tmp_path.glob("run*/summary.json"))[-1].read_text())
-    assert summary["skipped"]["unreadable"] == 2 and summary["steps"] == 2 * 9, summary["skipped"]
+    assert summary["skipped"]["unreadable"] == 2 and summary["steps"] == 2 * steps, summary
     assert "train-00002-of-00004.parquet is unreadable" in err
-    rc, err, workers, _ = _run(tmp_path, root, "data.source=hf", "data.on_bad_image=error")
+    rc, err, workers, _ = _run(tmp_path, root, f"data.source={source}", "data.on_bad_image=error")
     assert rc == 1 and workers <= MAX_WORKERS
     _one_line_error(err, "train-00002-of-00004.parquet is unreadable", "data.on_bad_image=error")
 
@@ -133,7 +186,8 @@ def test_an_unreadable_parquet_file_is_one_line_and_bounded(tmp_path: Path) -> N
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Fashion-MNIST not installed")
 def test_finetune_from_hf_parquet_matches_folders(tmp_path: Path) -> None:
-    """The same Fashion-MNIST JPEGs from class folders and from HF parquet: the same accuracy band."""
+    """The same Fashion-MNIST JPEGs from class folders and from HF parquet, map-style and streamed: the same
+    accuracy band."""
     from fcmae.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
 
     for split, hf_split, n in (("train", "train", 40), ("test", "validation", 20)):
@@ -153,7 +207,8 @@ def test_finetune_from_hf_parquet_matches_folders(tmp_path: Path) -> None:
               "run.mixed_precision=no", "run.threads=2"]
     tops = {}
     for source, paths in (("folder", [f"data.train_path={tmp_path / 'train'}", f"data.val_path={tmp_path / 'test'}"]),
-                          ("hf", [f"data.path={tmp_path / 'hf'}"])):
+                          ("hf", [f"data.path={tmp_path / 'hf'}"]),
+                          ("hf_stream", [f"data.path={tmp_path / 'hf'}"])):
         out = tmp_path / source
         r = subprocess.run([sys.executable, "-m", "fcmae", "finetune", *common, f"data.source={source}", *paths,
                             f"run.output_dir={out}"], env=_env(), capture_output=True, text=True, timeout=600,
@@ -161,7 +216,7 @@ def test_finetune_from_hf_parquet_matches_folders(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr[-3000:]
         tops[source] = json.loads((out / "summary.json").read_text())["val_top1"]
     assert all(t > 35 for t in tops.values()), tops  # learnt something (chance: 10 %)
-    assert abs(tops["folder"] - tops["hf"]) <= 10, tops
+    assert abs(tops["folder"] - tops["hf"]) <= 10 and abs(tops["folder"] - tops["hf_stream"]) <= 10, tops
 
 
 def test_torch_is_not_needed_to_validate_an_hf_config() -> None:

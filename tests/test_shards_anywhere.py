@@ -196,3 +196,56 @@ def test_finetune_from_img2dataset_json_labels(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["num_classes"] == 4, summary
     assert _steps(out)[-1] == 2 * 12  # 48 samples in batches of 4 from 2 streams of 24: 12 steps per epoch
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(sorted((out / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_img2dataset_pretraining_resumes_exactly_after_sigkill_mid_epoch(tmp_path: Path) -> None:
+    """1 process, 0 workers (the in-process test above covers the deal for every world x workers): killed after
+    step 5 of 12 (checkpoint at step 3, mid-epoch 0), resumed, the weights equal an uninterrupted run's."""
+    pytest.importorskip("pyarrow")
+    spec, _ = img2dataset_folder(tmp_path / "i2d")
+    common = ["pretrain", *TINY, "model.decoder_embed_dim=32", "optim.lr=1e-3", "run.export_every_epochs=0",
+              "run.num_vis_images=2", f"data.path={spec}", "data.num_workers=0", "run.save_every_steps=3",
+              "run.keep_last=5"]
+    ref = subprocess.run([sys.executable, "-m", "fcmae", *common, f"run.output_dir={tmp_path / 'ref'}"],
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    crash = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_run.py"), *common[:1], "5", *common[1:],
+                            f"run.output_dir={tmp_path / 'run'}"], env=_env(tmp_path), capture_output=True,
+                           timeout=600, cwd=ROOT)
+    assert crash.returncode == -9, crash.stderr[-3000:]
+    resumed = subprocess.run([sys.executable, "-m", "fcmae", *common, f"run.output_dir={tmp_path / 'run'}",
+                              "run.resume=auto"], env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+                             cwd=ROOT)
+    assert resumed.returncode == 0 and "step_00000003" in resumed.stderr, resumed.stderr[-3000:]
+    assert _steps(tmp_path / "ref") == list(range(1, 25))  # 48 samples in batches of 4: 12 steps an epoch
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(sys.executable).parent / "accelerate").exists() and shutil.which("accelerate") is None,
+                    reason="accelerate CLI not installed")
+def test_two_process_finetuning_over_shardwriter_shards_without_workers(tmp_path: Path) -> None:
+    spec, _ = webdataset_shards(tmp_path / "wds")
+    accel = str(Path(sys.executable).parent / "accelerate")
+    accel = accel if Path(accel).exists() else shutil.which("accelerate")
+    launcher = [accel, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                "no", "--dynamo_backend", "no", "--main_process_port", "29547"]
+    out = tmp_path / "ft"
+    r = subprocess.run([*launcher, "-m", "fcmae", "finetune", *TINY, f"data.train_path={spec}",
+                        f"data.val_path={spec}", "data.num_workers=0", "optim.lr=1e-3", "mixup.mixup=0",
+                        "mixup.cutmix=0", "data.auto_augment=''", "data.reprob=0", "ema.enabled=false",
+                        f"run.output_dir={out}"], env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["num_classes"] == 4, summary
+    # 12 shards of 4 dealt to 2 ranks x 1 stream: 6 shards = 6 batches per rank and epoch, on both ranks
+    assert _steps(out) == list(range(1, 13))

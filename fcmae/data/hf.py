@@ -44,26 +44,30 @@ def _datasets() -> Any:
     return datasets
 
 
-def _split_files(files: list[Path], split: str) -> list[Path]:
-    """The files of ``split`` among ``files``: those whose name starts with one of its names, else all."""
+def split_files(files: Sequence[str], split: str) -> list[str]:
+    """The files of ``split`` among ``files`` (paths or URLs): those whose name starts with one of its names, else
+    all."""
     names = SPLIT_NAMES.get(split, (split,))
-    mine = [f for f in files if f.name.lower().startswith(names)]
-    return mine or files
+    mine = [f for f in files if f.rsplit("/", 1)[-1].lower().startswith(names)]
+    return mine or list(files)
 
 
-def _readable_parquet(files: list[Path], on_bad: str) -> tuple[list[Path], int]:
-    """The parquet files whose footer reads; the others are reported (``bad_data``) and counted."""
+def readable_parquet(files: Sequence[str], on_bad: str, opener: Any = None) -> tuple[list[str], list[int], int]:
+    """The files among ``files`` whose parquet footer reads, their row counts (from the footer: no data is read),
+    and how many could not be read; those are reported (``bad_data``: one line, or a stop). ``opener``: opens a
+    file for reading (``fsspec``'s for remote files; default the local ``open``)."""
     import pyarrow.parquet as pq
 
-    good, bad = [], 0
+    good, rows, bad = [], [], 0
     for f in files:
         try:
-            pq.ParquetFile(f).metadata  # noqa: B018 - reading the footer is the check
+            with (opener or open)(f, "rb") as fh:
+                rows.append(pq.ParquetFile(fh).metadata.num_rows)
             good.append(f)
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError ... on a damaged file
             bad_data(on_bad, f"parquet file {f} is unreadable ({type(exc).__name__}: {exc}); left out")
             bad += 1
-    return good, bad
+    return good, rows, bad
 
 
 def open_rows(path: str, split: str, on_bad: str = "skip") -> tuple[Any, int, str]:
@@ -85,12 +89,14 @@ def open_rows(path: str, split: str, on_bad: str = "skip") -> tuple[Any, int, st
     arrow = sorted(root.rglob("*.arrow")) if root.is_dir() else []
     if not parquet and not arrow:
         raise DataError(f"no parquet or arrow files under {root} (and it is no save_to_disk folder)")
-    files, bad = (_readable_parquet(_split_files(parquet, split), on_bad) if parquet
-                  else (_split_files(arrow, split), 0))
+    if parquet:
+        files, _, bad = readable_parquet(split_files([str(f) for f in parquet], split), on_bad)
+    else:
+        files, bad = split_files([str(f) for f in arrow], split), 0
     if not files:
         raise DataError(f"no readable {split} files under {root}")
     kind = "parquet" if parquet else "arrow"
-    ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    ds = datasets.load_dataset(kind, data_files=files, split="train")
     return ds, bad, str(root)
 
 

@@ -392,13 +392,18 @@ def finetune_streams(cfg: Any, in_chans: int, seed: int) -> FinetuneData:
     if val.classes and val.classes != train.classes and len(val.classes) > len(train.classes):
         raise DataError(f"the validation shards of {cfg.val_path} hold labels the training shards do not "
                         f"({len(val.classes)} classes against {len(train.classes)})")
+    val.classes = train.classes  # string labels index the training classes
+    kw = {"in_chans": in_chans, "labelled": True, "on_bad_image": cfg.on_bad_image, "label_field": cfg.label_field}
+    train_tf, val_tf = stream_transforms(cfg, in_chans)
+    return FinetuneData(ShardStream(train, train_tf, seed=seed, buffer=cfg.shuffle_buffer, seed_globals=True, **kw),
+                        ShardStream(val, val_tf, shuffle=False, **kw), list(train.classes), train.total, {})
+
+
+def stream_transforms(cfg: Any, in_chans: int) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                          Callable[[torch.Tensor], torch.Tensor]]:
+    """Fine-tuning transforms of a stream's uint8 ``(C, H, W)`` images: the recipe's augmentation (timm's, through
+    PIL; seeded globals per sample) for training, resize and center crop for validation."""
     tf = build_finetune_transform(cfg.input_size, in_chans, auto_augment=cfg.auto_augment or None,
                                   color_jitter=cfg.color_jitter, scale=tuple(cfg.crop_scale), hflip=cfg.hflip,
                                   interpolation=cfg.interpolation)
-    bad = {"on_bad_image": cfg.on_bad_image, "label_field": cfg.label_field}
-    train_set = ShardStream(train, ViaPIL(tf), in_chans=in_chans, seed=seed, labelled=True,
-                            buffer=cfg.shuffle_buffer, seed_globals=True, **bad)
-    val.classes = train.classes  # string labels index the training classes
-    val_set = ShardStream(val, ResizeCenterCropU8(cfg.input_size, cfg.crop_pct), in_chans=in_chans, labelled=True,
-                          shuffle=False, **bad)
-    return FinetuneData(train_set, val_set, list(train.classes), train.total, {})
+    return ViaPIL(tf), ResizeCenterCropU8(cfg.input_size, cfg.crop_pct)

@@ -56,6 +56,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in (
            "optional"),
     Source("webdataset", "stream", "shards:pretrain_stream", "shards:finetune_streams", "required", "split"),
     Source("hf", "map", "hf:pretrain_rows", "hf:finetune_rows", "required", "either", extra="hf"),
+    Source("hf_stream", "stream", "hf_stream:pretrain_stream", "hf_stream:finetune_streams", "required", "either",
+           extra="hf"),
 )}
 
 

@@ -42,19 +42,21 @@ def output_dir_problem(out_dir: Path, resume: str, overwrite: bool) -> str | Non
 
 
 def _local(spec: str) -> Path | None:
-    """A data spec that names one local path (not a URL, a ``pipe:`` command or a brace pattern), else None."""
-    if not spec or "://" in spec or spec.startswith("pipe:") or "{" in spec:
+    """A data spec that names one local path (not a URL, a ``pipe:`` command, a brace pattern or a glob), else
+    None."""
+    if not spec or "://" in spec or spec.startswith("pipe:") or any(c in spec for c in "{*?["):
         return None
     return Path(spec).expanduser()
 
 
 def _paths(cfg: Any) -> list[tuple[str, str]]:
     """``(key, value)`` of the config's paths that must exist before the run starts."""
+    from fcmae.data.sources import get_source
+
     d, out = cfg.data, []
-    split = hasattr(d, "train_path") and d.source in ("folder", "webdataset")  # fine-tuning's two paths
-    if split:
+    if getattr(d, "train_path", "") or getattr(d, "val_path", ""):  # fine-tuning's two paths
         out += [("data.train_path", d.train_path), ("data.val_path", d.val_path)]
-    elif d.source in ("folder", "imagenet", "webdataset", "fashion_mnist"):
+    elif get_source(d.source).path != "none":
         out.append(("data.path", d.path))
     out.append(("model.init", getattr(cfg.model, "init", "")))
     if cfg.run.resume not in ("", "auto"):
