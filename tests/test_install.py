@@ -2,8 +2,9 @@
 line (torch and torchvision together, pinned to a matching pair, from PyPI's CPU index) before the command a
 newcomer copies, the GPU line beside it, the measured venv sizes, and the same pins as CI installs.
 
-Where download.pytorch.org answers, a slow test also follows the CPU path in a fresh venv and asks pip what the
-project's install would add: no ``nvidia-*`` package and no other torch.
+A slow test follows the CPU path in a fresh venv and asks pip what the project's install would add: no ``nvidia-*``
+package and no other torch. Where download.pytorch.org does not answer (this project's machines), it follows the
+same path with a CPU torch wheel found on disk, and shows that torch alone would not have been enough.
 """
 
 from __future__ import annotations
@@ -108,17 +109,49 @@ def _reachable(host: str) -> bool:
         return False
 
 
+def _added(pip: list[str], report: Path) -> list[str]:
+    """What ``pip install -e ROOT[dev]`` would add to the venv of ``pip`` (its dry-run report), lower-case names."""
+    subprocess.run([*pip, "install", "--dry-run", "--report", str(report), "-e", f"{ROOT}[dev]"], check=True,
+                   timeout=900, capture_output=True)
+    return [i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]]
+
+
+def _cuda_parts(names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith("nvidia") or n in ("torch", "torchvision", "triton")]
+
+
+def _local_cpu_torch() -> Path | None:
+    """A CPU build of torch on this machine's disk (``FCMAE_CPU_TORCH_WHEEL``, else the image's wheel folder)."""
+    import os
+
+    given = os.environ.get("FCMAE_CPU_TORCH_WHEEL")
+    found = [Path(given)] if given else sorted(Path("/opt/wheels").glob("torch-*+cpu-*.whl"))
+    return found[-1] if found and found[-1].is_file() else None
+
+
 @pytest.mark.slow
 def test_cpu_path_in_a_fresh_venv_gets_no_nvidia_packages(tmp_path):
-    if not _reachable("download.pytorch.org"):
-        pytest.skip("download.pytorch.org cannot be reached from this machine: the CPU path cannot be followed")
+    """The README's CPU line in a fresh venv, then what the project's install would add: no ``nvidia-*``, no
+    other torch. Where download.pytorch.org cannot be reached but a CPU torch wheel lies on disk, the same path
+    with that pair instead (torch from the wheel, torchvision 0.(N+15).x by the README's rule from the default
+    index), checked both ways: torch alone lets the project's install bring CUDA torch and nvidia-* (the failure
+    the README's line prevents, so the check can fail), torch and torchvision together do not."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = [str(venv / "bin" / "python"), "-m", "pip"]
     cmd = cpu_command()
-    subprocess.run([*pip, *cmd[1:]], check=True, timeout=1800, capture_output=True)
-    report = tmp_path / "report.json"
-    subprocess.run([*pip, "install", "--dry-run", "--report", str(report), "-e", f"{ROOT}[dev]"], check=True,
-                   timeout=900, capture_output=True)
-    added = [i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]]
-    assert not [n for n in added if n.startswith("nvidia") or n in ("torch", "torchvision", "triton")], added
+    if _reachable("download.pytorch.org"):
+        subprocess.run([*pip, *cmd[1:]], check=True, timeout=1800, capture_output=True)
+        assert not _cuda_parts(_added(pip, tmp_path / "report.json"))
+        return
+    wheel = _local_cpu_torch()
+    if wheel is None:
+        pytest.skip("download.pytorch.org cannot be reached from this machine and no CPU torch wheel lies on disk: "
+                    "the CPU path cannot be followed")
+    torch_v = Version(wheel.name.split("-")[1].split("+")[0])
+    subprocess.run([*pip, "install", str(wheel)], check=True, timeout=1800, capture_output=True)
+    alone = _cuda_parts(_added(pip, tmp_path / "alone.json"))
+    assert "torch" in alone and any(n.startswith("nvidia") for n in alone), alone  # the trap is real
+    tv = f"torchvision==0.{torch_v.minor + 15}.{torch_v.micro}"  # (torch 2.N's torchvision)
+    subprocess.run([*pip, "install", str(wheel), tv], check=True, timeout=1800, capture_output=True)
+    assert not _cuda_parts(_added(pip, tmp_path / "report.json"))
