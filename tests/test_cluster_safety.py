@@ -288,6 +288,32 @@ def test_a_held_lock_stops_a_second_run_naming_the_holder(tmp_path, pre_ref, cap
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == [LOCK_NAME]
 
 
+def test_a_refused_start_names_the_new_holder_not_the_dead_one_it_replaced(tmp_path):
+    """Between a new holder's flock and its write the file still names the SIGKILLed run before it; the refused
+    start reads again until a live name appears (a race the two-resumes test below met once, in a full-suite run)."""
+    import fcntl
+    import socket
+    import threading
+
+    from fcmae.train.rundir import RunDirError
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = tmp_path / LOCK_NAME
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "earlier"}) + "\n")
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the new holder, which has not written its name yet
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}) + "\n"
+    late = threading.Timer(0.2, lambda: (os.ftruncate(fd, 0), os.pwrite(fd, me.encode(), 0)))
+    late.start()
+    try:
+        with pytest.raises(RunDirError, match=f"in use by another run \\(pid {os.getpid()} on host "):
+            RunLock(tmp_path).acquire()
+    finally:
+        late.join()
+        os.close(fd)
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -161,15 +161,20 @@ def _steps(out: Path) -> list[int]:
     return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+def _two_processes(port: int) -> list[str]:
+    """``accelerate launch`` of 2 CPU processes (gloo) on ``port``."""
+    accel = str(Path(sys.executable).parent / "accelerate")
+    accel = accel if Path(accel).exists() else shutil.which("accelerate")
+    return [accel, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (Path(sys.executable).parent / "accelerate").exists() and shutil.which("accelerate") is None,
                     reason="accelerate CLI not installed")
 def test_two_process_pretraining_over_shardwriter_shards(tmp_path: Path) -> None:
     spec, _ = webdataset_shards(tmp_path / "wds")
-    accel = str(Path(sys.executable).parent / "accelerate")
-    accel = accel if Path(accel).exists() else shutil.which("accelerate")
-    launcher = [accel, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                "no", "--dynamo_backend", "no", "--main_process_port", "29543"]
+    launcher = _two_processes(29543)
     out = tmp_path / "ddp"
     r = subprocess.run([*launcher, "-m", "fcmae", "pretrain", *TINY, "model.decoder_embed_dim=32", "optim.lr=1e-3",
                         "run.export_every_epochs=0", "run.num_vis_images=2", f"data.path={spec}",
@@ -234,10 +239,7 @@ def test_img2dataset_pretraining_resumes_exactly_after_sigkill_mid_epoch(tmp_pat
                     reason="accelerate CLI not installed")
 def test_two_process_finetuning_over_shardwriter_shards_without_workers(tmp_path: Path) -> None:
     spec, _ = webdataset_shards(tmp_path / "wds")
-    accel = str(Path(sys.executable).parent / "accelerate")
-    accel = accel if Path(accel).exists() else shutil.which("accelerate")
-    launcher = [accel, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                "no", "--dynamo_backend", "no", "--main_process_port", "29547"]
+    launcher = _two_processes(29547)
     out = tmp_path / "ft"
     r = subprocess.run([*launcher, "-m", "fcmae", "finetune", *TINY, f"data.train_path={spec}",
                         f"data.val_path={spec}", "data.num_workers=0", "optim.lr=1e-3", "mixup.mixup=0",

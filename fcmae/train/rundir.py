@@ -88,7 +88,7 @@ class RunLock:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 return f"cannot lock {self.path} ({exc.strerror}): a second run into this folder is not prevented"
-            holder = _describe_holder(os.pread(fd, 4096, 0))
+            holder = _describe_holder(_holder_bytes(fd))
             os.close(fd)
             raise RunDirError(f"run.output_dir {self.out_dir} is in use by another run ({holder}); wait for it to "
                               "end or choose another run.output_dir") from None
@@ -111,6 +111,37 @@ class RunLock:
         _HELD.discard(self.fd)
         os.close(self.fd)
         self.fd = None
+
+
+def _holder_bytes(fd: int, wait_s: float = 1.0) -> bytes:
+    """The lock file's content as its holder wrote it. Between a holder's ``flock`` and its write, the file still
+    names the previous holder (a SIGKILLed run leaves its name), so a name of a process that is gone from this host
+    is read again until the new one appears (at most ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    raw = os.pread(fd, 4096, 0)
+    while not _alive_here(raw) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        raw = os.pread(fd, 4096, 0)
+    return raw
+
+
+def _alive_here(raw: bytes) -> bool:
+    """False when ``raw`` names no process, or one on this host that no longer exists; True otherwise (a process
+    on another host cannot be checked from here)."""
+    try:
+        info = json.loads(raw.decode())
+        pid, host = int(info["pid"]), info["host"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _describe_holder(raw: bytes) -> str:
