@@ -406,6 +406,8 @@ def _copy_figures(cfg: dict[str, Any], res: dict[str, Any], work: Path, out: Pat
         if src.is_file() and res["pretrain"][arm]["complete"]:
             shutil.copyfile(src, out / f"reconstruction_{arm}.png")
             copied.append(f"reconstruction_{arm}.png")
+        elif (out / f"reconstruction_{arm}.png").is_file():  # a recorded arm's figure, published before
+            copied.append(f"reconstruction_{arm}.png")
     return copied
 
 
