@@ -36,7 +36,7 @@ logger = logging.getLogger("fcmae.data")
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
 
 
-def _datasets() -> Any:
+def require_datasets() -> Any:
     try:
         import datasets
     except ImportError:
@@ -73,7 +73,7 @@ def readable_parquet(files: Sequence[str], on_bad: str, opener: Any = None) -> t
 def open_rows(path: str, split: str, on_bad: str = "skip") -> tuple[Any, int, str]:
     """The ``datasets.Dataset`` of ``split`` at ``path`` (see the module docstring), the number of unreadable
     parquet files left out, and a name for messages."""
-    datasets = _datasets()
+    datasets = require_datasets()
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(f"Hugging Face dataset folder {root} does not exist")
@@ -122,7 +122,7 @@ class HFImages(ImageFiles):
 
     def __init__(self, rows: Any, image_column: str, where: str, transform: Any, in_chans: int, on_bad_image: str,
                  decoder: Any, unreadable: int = 0) -> None:
-        datasets = _datasets()
+        datasets = require_datasets()
         if image_column not in rows.column_names:
             raise DataError(f"{where} has no image column {image_column!r} (columns {rows.column_names}); set "
                             "data.image_column")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from fcmae.data.hf import _datasets, readable_parquet, split_files
+from fcmae.data.hf import readable_parquet, require_datasets, split_files
 from fcmae.data.images import DataError
 from fcmae.data.policy import NO_IMAGE, NO_LABEL, TRUNCATED, UNREADABLE
 from fcmae.data.protocol import FinetuneData
@@ -60,7 +60,7 @@ class ParquetSet(ShardSet):
         urls, counts, self.left_out = readable_parquet(files, on_bad, opener)
         if not urls:
             raise DataError(f"no readable {split} parquet files in {spec}")
-        datasets = _datasets()
+        datasets = require_datasets()
         rows = datasets.load_dataset("parquet", data_files=urls, split="train", streaming=True)
         features = rows.features or {}
         if image_column not in features:
@@ -90,7 +90,7 @@ class ParquetSet(ShardSet):
 
 class RowStream(ShardStream):
     """``ShardStream`` over parquet files (``ParquetSet``): a row is a raw sample ``{__key__: row number in its
-    file, __url__, img: bytes, cls: label}``; damaged files are counted by ``ShardStream``'s rules (class
+    file, __url__, jpg|png|webp: image bytes, cls: label}``; damaged files are counted by ``ShardStream``'s rules (class
     docstring there) and the files left out at the start once per epoch, on stream 0."""
 
     shards: ParquetSet
@@ -133,6 +133,7 @@ def _ext(data: bytes) -> str:
 
 
 def _open(cfg: Any, path: str, split: str, labelled: bool) -> ParquetSet:
+    """The parquet files of ``split`` at ``path`` sized and opened (labelled: with class names)."""
     rows = ParquetSet(path, split, cfg.image_column, cfg.label_column, cfg.on_bad_image)
     if labelled and rows.classes is None:
         rows.labels_from_columns()
