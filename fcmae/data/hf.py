@@ -37,10 +37,11 @@ SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val")
 
 
 def require_datasets() -> Any:
+    """The ``datasets`` module, or an ImportError saying which extra to install."""
     try:
         import datasets
     except ImportError:
-        raise ImportError("data.source=hf needs the `datasets` library: pip install 'fcmae[hf]'") from None
+        raise ImportError("data.source=hf and hf_stream need the `datasets` library: pip install 'fcmae[hf]'") from None
     return datasets
 
 
