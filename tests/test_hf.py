@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from PIL import Image
 
 datasets = pytest.importorskip("datasets")
 
+from crash_run import kill_and_resume, max_weight_diff  # noqa: E402
 from test_bad_data import MAX_WORKERS, _one_line_error, _run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,24 +146,16 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["hf", "hf_stream"])
 def test_pretrain_resumes_exactly_after_sigkill_mid_epoch(tmp_path: Path, source: str) -> None:
-    from safetensors.torch import load_file
-
     root, _ = _random_set(tmp_path / "hf", n=32)  # streamed: 4 files of 8 dealt to 2 workers, 8 steps an epoch too
     common = [*TINY, f"data.source={source}", f"data.path={root}", "data.num_workers=2", "run.save_every_steps=3",
               "run.keep_last=5"]
     ref = subprocess.run([sys.executable, "-m", "fcmae", "pretrain", *common, f"run.output_dir={tmp_path / 'ref'}"],
                          env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    crash = [sys.executable, str(ROOT / "tests" / "crash_run.py"), "pretrain", "5", *common,
-             f"run.output_dir={tmp_path / 'run'}"]
-    assert subprocess.run(crash, env=_env(), capture_output=True, timeout=600, cwd=ROOT).returncode == -signal.SIGKILL
-    resumed = subprocess.run([sys.executable, "-m", "fcmae", "pretrain", *common, f"run.output_dir={tmp_path / 'run'}",
-                              "run.resume=auto"], env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    resumed = kill_and_resume(tmp_path / "run", "pretrain", 5, common, _env(), ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step_00000003" in resumed.stderr  # mid-epoch 0 (8 steps per epoch)
-    a = load_file(str(sorted((tmp_path / "ref" / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
-    b = load_file(str(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert max_weight_diff(tmp_path / "ref", tmp_path / "run") <= 1e-6
 
 
 @pytest.mark.slow

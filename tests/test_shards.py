@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from crash_run import kill_and_resume, max_weight_diff
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -128,24 +128,16 @@ def _steps(out: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_resume_mid_epoch_from_shards_equals_uninterrupted(tmp_path: Path) -> None:
-    from safetensors.torch import load_file
-
     shards = _shards(tmp_path)
     common = [*TINY, f"data.path={shards}", "data.num_workers=2", "run.save_every_steps=3", "run.keep_last=5"]
     ref = subprocess.run([sys.executable, "-m", "fcmae", "pretrain", *common, f"run.output_dir={tmp_path / 'ref'}"],
                          env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert _steps(tmp_path / "ref") == list(range(1, 33))  # 64 samples / batch 4, 2 epochs
-    crash = [sys.executable, str(ROOT / "tests" / "crash_run.py"), "pretrain", "11", *common,
-             f"run.output_dir={tmp_path / 'run'}"]
-    assert subprocess.run(crash, env=_env(), capture_output=True, timeout=600, cwd=ROOT).returncode == -signal.SIGKILL
-    resumed = subprocess.run([sys.executable, "-m", "fcmae", "pretrain", *common, f"run.output_dir={tmp_path / 'run'}",
-                              "run.resume=auto"], env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    resumed = kill_and_resume(tmp_path / "run", "pretrain", 11, common, _env(), ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step_00000009" in resumed.stderr  # mid-epoch 0 (16 steps per epoch)
-    a = load_file(str(sorted((tmp_path / "ref" / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
-    b = load_file(str(sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert max_weight_diff(tmp_path / "ref", tmp_path / "run") <= 1e-6
 
 
 @pytest.mark.slow

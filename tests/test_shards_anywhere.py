@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from crash_run import kill_and_resume, max_weight_diff
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -203,12 +204,6 @@ def test_finetune_from_img2dataset_json_labels(tmp_path: Path) -> None:
     assert _steps(out)[-1] == 2 * 12  # 48 samples in batches of 4 from 2 streams of 24: 12 steps per epoch
 
 
-def _weights(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(sorted((out / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
-
-
 @pytest.mark.slow
 def test_img2dataset_pretraining_resumes_exactly_after_sigkill_mid_epoch(tmp_path: Path) -> None:
     """1 process, 0 workers (the in-process test above covers the deal for every world x workers): killed after
@@ -221,17 +216,10 @@ def test_img2dataset_pretraining_resumes_exactly_after_sigkill_mid_epoch(tmp_pat
     ref = subprocess.run([sys.executable, "-m", "fcmae", *common, f"run.output_dir={tmp_path / 'ref'}"],
                          env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    crash = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_run.py"), *common[:1], "5", *common[1:],
-                            f"run.output_dir={tmp_path / 'run'}"], env=_env(tmp_path), capture_output=True,
-                           timeout=600, cwd=ROOT)
-    assert crash.returncode == -9, crash.stderr[-3000:]
-    resumed = subprocess.run([sys.executable, "-m", "fcmae", *common, f"run.output_dir={tmp_path / 'run'}",
-                              "run.resume=auto"], env=_env(tmp_path), capture_output=True, text=True, timeout=600,
-                             cwd=ROOT)
+    resumed = kill_and_resume(tmp_path / "run", "pretrain", 5, common[1:], _env(tmp_path), ROOT)
     assert resumed.returncode == 0 and "step_00000003" in resumed.stderr, resumed.stderr[-3000:]
     assert _steps(tmp_path / "ref") == list(range(1, 25))  # 48 samples in batches of 4: 12 steps an epoch
-    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "run")
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert max_weight_diff(tmp_path / "ref", tmp_path / "run") <= 1e-6
 
 
 @pytest.mark.slow
