@@ -50,12 +50,15 @@ class SlurmCluster:
         sock = r / "munge" / "munge.sock"
         conf = r / "slurm.conf"
         cpus = cpus or os.cpu_count() or 1
+        # cred_expire (default 120 s) is also how long a requeued job waits before it may start again: slurmd
+        # refuses a new launch of the job while its old credential is revoked. 5 s keeps the test short; the wait
+        # is Slurm's own (forcing StartTime=now instead raced it: "Job credential revoked", the job FAILED).
         conf.write_text(f"""ClusterName=fcmaetest
 SlurmctldHost={host}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={sock}
+AuthInfo=socket={sock},cred_expire=5
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -115,15 +118,6 @@ PartitionName=main Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscr
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, ...)."""
         out = self.run("scontrol", "show", "job", job_id, check=False).stdout
         return dict(x.split("=", 1) for x in out.split() if "=" in x)
-
-    def release_requeued(self, job_id: str) -> bool:
-        """A requeued job waits ~2 min before it is eligible again (Slurm 22.05 sets its begin time ~120 s ahead,
-        measured: 176 s from requeue to start); make it eligible now. True if it was held so."""
-        info = self.job(job_id)
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
-            return True
-        return False
 
     def stop(self) -> None:
         for p in reversed(self.procs):

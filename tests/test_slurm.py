@@ -37,11 +37,9 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def _wait(what: str, ready, timeout: float, slurm: SlurmCluster, job: str) -> None:
-    """Poll ``ready`` until it holds; a requeued job is made eligible at once (not Slurm's ~2 min hold: the
-    requeue and the resume are what is tested, the scheduler's delay is not)."""
+    """Poll ``ready`` until it holds (``job`` names the job in the error)."""
     deadline = time.monotonic() + timeout
     while not ready():
-        slurm.release_requeued(job)
         if time.monotonic() > deadline:
             raise AssertionError(f"no {what} after {timeout} s: {slurm.job(job)}\n{slurm.logs()[-3000:]}")
         time.sleep(0.2)
@@ -73,7 +71,7 @@ def test_sbatch_preempted_twice_requeues_resumes_and_equals_an_uninterrupted_run
           slurm, job)
     text = log.read_text()
     info = slurm.job(job)
-    assert info.get("JobState") == "COMPLETED", (info, text[-4000:])
+    assert info.get("JobState") == "COMPLETED", f"{info}\n{text[-4000:]}\n{slurm.logs()[-6000:]}"
     assert int(info["Restarts"]) == 2, (info, text[-3000:])
     stops = [x for x in text.splitlines() if x.startswith("fcmae pretrain: stopped by SIGTERM after step")]
     assert len(stops) == 2 and text.count("resumed from") == 2, text[-4000:]
