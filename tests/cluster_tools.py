@@ -1,5 +1,6 @@
-"""Helpers for the multi-process fault tests: launch a 2-process job the way a cluster user does (torchrun,
-accelerate launch), find its ranks and their DataLoader workers, wait for its progress, signal them."""
+"""Helpers for tests that start fcmae in child processes: their environment and a free port; for the multi-process
+fault tests, launch a 2-process job the way a cluster user does (torchrun, accelerate launch), find its ranks and
+their DataLoader workers, wait for its progress, signal them."""
 
 from __future__ import annotations
 
@@ -28,12 +29,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def env() -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment for a child process: this checkout's fcmae first on the path, one OpenMP thread (two
+    cores are shared by every process of a test), no inherited rank; ``extra`` set on top."""
     e = dict(os.environ)
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e["OMP_NUM_THREADS"] = "1"
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
+    e.update(extra)
     return e
 
 

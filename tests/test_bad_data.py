@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from cluster_tools import child_env
 from PIL import Image
 
 from fcmae.cli import main
@@ -65,9 +65,7 @@ def _cut(tar: Path, at_boundary: bool) -> int:
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", FCMAE_CACHE=str(tmp / "cache"))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return child_env(FCMAE_CACHE=str(tmp / "cache"))
 
 
 def _run(tmp: Path, shards: Path, *extra: str) -> tuple[int, str, int, float]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from cluster_tools import child_env
 from PIL import Image
 
 from fcmae.cli import COMMANDS, build_parser, main
@@ -24,13 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "timm", "torchvision", "accelerate")
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-
-
 def _fcmae(*args: str, importtime: bool = False, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "fcmae", *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def _imported(stderr: str) -> set[str]:
@@ -73,7 +69,7 @@ def test_parsing_and_config_loading_leave_torch_unimported():
             "a = build_parser().parse_args(['pretrain', 'demo', '--batch-size', '8']);"
             "c = load_command_config(PretrainConfig, a, FLAGS); assert c.run.batch_size == 8;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'accelerate')))")
-    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 

@@ -19,8 +19,8 @@ from cluster_tools import (
     ROOT,
     TINY_DDP,
     accelerate_launch,
+    child_env,
     descendants,
-    env,
     ranks,
     script,
     steps_logged,
@@ -46,7 +46,7 @@ def _max_diff(a: Path, b: Path) -> float:
 
 
 def _job(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+    return subprocess.Popen(cmd, env=child_env(), stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
                             start_new_session=True)
 
 
@@ -150,8 +150,8 @@ def test_a_restart_0_1_s_after_sigkill_gets_the_lock_although_workers_outlive_th
 
     out = tmp_path / "run"
     args = [*TINY, "data.num_workers=2", f"run.output_dir={out}"]
-    crash = subprocess.Popen([sys.executable, *script("crash_run.py", "pretrain", "3", *args)], env=env(), cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    crash = subprocess.Popen([sys.executable, *script("crash_run.py", "pretrain", "3", *args)], env=child_env(),
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert crash.wait(timeout=300) == -signal.SIGKILL
     # the orphans: the processes whose command line is the dead trainer's
     argv = [sys.executable, *script("crash_run.py", "pretrain", "3", *args)]
@@ -159,7 +159,7 @@ def test_a_restart_0_1_s_after_sigkill_gets_the_lock_although_workers_outlive_th
     holders = _lock_holders(out / LOCK_NAME)
     time.sleep(0.1)
     res = subprocess.run([sys.executable, *script("signal_run.py", "pretrain", "none", *args, "run.resume=auto")],
-                         env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         env=child_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert orphans, "no DataLoader worker outlived the trainer: the test shows nothing"
     assert holders == [], f"orphaned workers {holders} hold {out / LOCK_NAME}"
     assert res.returncode == 0, res.stderr[-3000:]

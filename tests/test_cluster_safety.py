@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cluster_tools import child_env
 from safetensors.torch import load_file
 from test_run_safety import TINY, _restore_threads  # noqa: F401  (the same tiny run; its autouse fixture)
 
@@ -314,13 +315,6 @@ def test_a_refused_start_names_the_new_holder_not_the_dead_one_it_replaced(tmp_p
         os.close(fd)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _script(name: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "tests" / name), *args]
 
@@ -328,12 +322,12 @@ def _script(name: str, *args: str) -> list[str]:
 @pytest.mark.slow
 def test_sigkilled_lock_holder_does_not_block_and_simultaneous_resumes_run_once(tmp_path):
     out = tmp_path / "run"
-    crashed = subprocess.run(_script("crash_run.py", "pretrain", "3", *TINY, f"run.output_dir={out}"), env=_env(),
+    crashed = subprocess.run(_script("crash_run.py", "pretrain", "3", *TINY, f"run.output_dir={out}"), env=child_env(),
                              capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     assert json.loads((out / LOCK_NAME).read_text())["pid"] > 0  # the dead holder's name stays; its flock is gone
     starts = [subprocess.Popen(_script("signal_run.py", "pretrain", "sleep0.4", *TINY, f"run.output_dir={out}",
-                                       "run.resume=auto"), env=_env(), stdout=subprocess.PIPE,
+                                       "run.resume=auto"), env=child_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(2)]
     done = [(p.pid, p.wait(timeout=300), p.stderr.read()) for p in starts]
     codes = sorted(code for _, code, _ in done)
@@ -353,7 +347,7 @@ def test_real_signals_through_the_cli_with_dataloader_workers(tmp_path):
         out = tmp_path / signal.Signals(sig).name
         cmd = [sys.executable, "-m", "fcmae", "pretrain", *TINY, "data.num_workers=2", "optim.epochs=50",
                "run.save_every_steps=0", f"run.output_dir={out}"]
-        p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        p = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                              start_new_session=True)
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
@@ -388,7 +382,7 @@ def test_two_processes_stop_at_the_same_step(tmp_path):
     # step 3) and both stop there
     cmd = [*launcher, str(ROOT / "tests" / "signal_run.py"), "pretrain", "SIGTERM@2,5", *TINY, "run.log_every=3",
            "run.save_every_steps=0", "data.limit=32", f"run.output_dir={out}"]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert "stopped by SIGTERM after step 3" in res.stderr, res.stderr[-3000:]
     assert res.stderr.count("stopped by SIGTERM") == 1  # one line, from the main process
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003"]

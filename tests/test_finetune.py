@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cluster_tools import child_env
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
@@ -326,11 +326,9 @@ def test_in_process_resume_equals_uninterrupted_and_linear_probe(tmp_path, one_t
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("FCMAE_TEST_SIGKILL_AFTER_STEP", None)
-    return env
+    e = child_env()
+    e.pop("FCMAE_TEST_SIGKILL_AFTER_STEP", None)
+    return e
 
 
 def _fcmae(*args: str) -> subprocess.CompletedProcess:

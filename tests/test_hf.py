@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from PIL import Image
 
 datasets = pytest.importorskip("datasets")
 
+from cluster_tools import child_env  # noqa: E402
 from crash_run import kill_and_resume, max_weight_diff  # noqa: E402
 from test_bad_data import MAX_WORKERS, _one_line_error, _run  # noqa: E402
 
@@ -137,12 +137,6 @@ TINY = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_ch
         "run.threads=1", "run.batch_size=4"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["hf", "hf_stream"])
 def test_pretrain_resumes_exactly_after_sigkill_mid_epoch(tmp_path: Path, source: str) -> None:
@@ -150,9 +144,9 @@ def test_pretrain_resumes_exactly_after_sigkill_mid_epoch(tmp_path: Path, source
     common = [*TINY, f"data.source={source}", f"data.path={root}", "data.num_workers=2", "run.save_every_steps=3",
               "run.keep_last=5"]
     ref = subprocess.run([sys.executable, "-m", "fcmae", "pretrain", *common, f"run.output_dir={tmp_path / 'ref'}"],
-                         env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+                         env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    resumed = kill_and_resume(tmp_path / "run", "pretrain", 5, common, _env(), ROOT)
+    resumed = kill_and_resume(tmp_path / "run", "pretrain", 5, common, child_env(), ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step_00000003" in resumed.stderr  # mid-epoch 0 (8 steps per epoch)
     assert max_weight_diff(tmp_path / "ref", tmp_path / "run") <= 1e-6
@@ -203,7 +197,7 @@ def test_finetune_from_hf_parquet_matches_folders(tmp_path: Path) -> None:
                           ("hf_stream", [f"data.path={tmp_path / 'hf'}"])):
         out = tmp_path / source
         r = subprocess.run([sys.executable, "-m", "fcmae", "finetune", *common, f"data.source={source}", *paths,
-                            f"run.output_dir={out}"], env=_env(), capture_output=True, text=True, timeout=600,
+                            f"run.output_dir={out}"], env=child_env(), capture_output=True, text=True, timeout=600,
                            cwd=ROOT)
         assert r.returncode == 0, r.stderr[-3000:]
         tops[source] = json.loads((out / "summary.json").read_text())["val_top1"]
@@ -214,6 +208,6 @@ def test_finetune_from_hf_parquet_matches_folders(tmp_path: Path) -> None:
 def test_torch_is_not_needed_to_validate_an_hf_config() -> None:
     code = ("import sys; from fcmae.config import PretrainConfig; c = PretrainConfig(); c.data.source = 'hf'; "
             "c.data.path = 'x'; c.validate(); print('torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr[-2000:]
     assert torch.__version__  # (this process imported it; the child did not)

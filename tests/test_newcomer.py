@@ -4,13 +4,13 @@ whole run's training time and this segment's."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cluster_tools import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_chans=1", "data.source=demo",
@@ -20,11 +20,6 @@ TINY = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_ch
 # runs the CLI in-process (no malloc re-exec), then says whether torch was imported
 PROBE = ("import sys; from fcmae.cli import main; code = main(sys.argv[1:], reexec=False); "
          "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(code)")
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
 
 
 def _used(f: Path) -> Path:
@@ -48,7 +43,7 @@ CASES = [
 @pytest.mark.parametrize("name,argv,code,text", CASES, ids=[c[0] for c in CASES])
 def test_checks_that_need_no_torch_answer_before_torch_is_imported(tmp_path, name, argv, code, text):
     r = subprocess.run([sys.executable, "-c", PROBE, *argv(tmp_path)], capture_output=True, text=True, timeout=120,
-                       env=_env(), cwd=tmp_path)
+                       env=child_env(), cwd=tmp_path)
     assert r.returncode == code, r.stderr
     assert len(r.stderr.splitlines()) == 1 and text in r.stderr, r.stderr
     assert r.stdout.strip() == "no torch"
@@ -76,11 +71,11 @@ def test_eta_comes_from_the_recent_steps(monkeypatch):
 def test_max_steps_says_how_to_continue_and_a_resume_gives_both_times(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fcmae", "pretrain", *TINY, f"run.output_dir={out}"]
-    first = subprocess.run([*cmd, "--max-steps", "3"], capture_output=True, text=True, timeout=600, env=_env())
+    first = subprocess.run([*cmd, "--max-steps", "3"], capture_output=True, text=True, timeout=600, env=child_env())
     assert first.returncode == 0, first.stderr[-3000:]
     hint = [x for x in first.stdout.splitlines() if x.startswith("stopped at step 3 of 8")]
     assert hint and "--resume auto" in hint[0] and "--max-steps" in hint[0], first.stdout
-    second = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=600, env=_env())
+    second = subprocess.run([*cmd, "--resume", "auto"], capture_output=True, text=True, timeout=600, env=child_env())
     assert second.returncode == 0, second.stderr[-3000:]
     closing = re.search(r"after 8 steps, (\d+) s of training in all, (\d+) s in this segment", second.stdout)
     assert closing, second.stdout

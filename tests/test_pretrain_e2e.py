@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cluster_tools import child_env
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,18 +26,10 @@ TINY = [
 ]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
-
-
 def _pretrain(out: Path, *overrides: str, env: dict[str, str] | None = None, launcher: list[str] | None = None
               ) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable]) + ["-m", "fcmae", "pretrain", *TINY, f"run.output_dir={out}", *overrides]
-    return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -77,7 +69,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, source):
 
     crash = [sys.executable, str(ROOT / "tests" / "crash_run.py"), "pretrain", "7", *TINY, *common,
              f"run.output_dir={tmp_path / 'run'}"]
-    crashed = subprocess.run(crash, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    crashed = subprocess.run(crash, env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names[-1] == "step_00000006", names  # killed during step 7: the step-6 checkpoint is the newest
@@ -148,7 +140,7 @@ def test_finetune_sigkill_then_resume_equals_uninterrupted(tmp_path):
         else:
             cmd = [sys.executable, str(ROOT / "tests" / "crash_run.py"), "finetune", str(kill), *common,
                    f"run.output_dir={tmp_path / out}", *extra]
-        return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+        return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
 
     ref = run("ref")
     assert ref.returncode == 0, ref.stderr[-3000:]

@@ -4,7 +4,6 @@ headless Chromium (Debian's, driven by playwright): plots present and not blank,
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cluster_tools import child_env
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,13 +25,9 @@ TINY = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_ch
 pytest.importorskip("matplotlib")
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
-
-
 def _run(cwd: Path, argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv], env=_env(), capture_output=True, text=True, timeout=600, cwd=cwd)
+    return subprocess.run([sys.executable, *argv], env=child_env(), capture_output=True, text=True, timeout=600,
+                          cwd=cwd)
 
 
 def _report(out: Path) -> str:

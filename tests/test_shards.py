@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cluster_tools import child_env
 from crash_run import kill_and_resume, max_weight_diff
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -109,13 +109,6 @@ TINY = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_ch
         "run.threads=1", "run.batch_size=4"]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _shards(tmp_path: Path, per_class: int = 16) -> Path:
     _class_folders(tmp_path / "src", per_class=per_class)
     assert main(["shard", str(tmp_path / "src"), str(tmp_path / "shards"), "--max-count", "8", "--no-progress"]) == 0
@@ -131,10 +124,10 @@ def test_resume_mid_epoch_from_shards_equals_uninterrupted(tmp_path: Path) -> No
     shards = _shards(tmp_path)
     common = [*TINY, f"data.path={shards}", "data.num_workers=2", "run.save_every_steps=3", "run.keep_last=5"]
     ref = subprocess.run([sys.executable, "-m", "fcmae", "pretrain", *common, f"run.output_dir={tmp_path / 'ref'}"],
-                         env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+                         env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert _steps(tmp_path / "ref") == list(range(1, 33))  # 64 samples / batch 4, 2 epochs
-    resumed = kill_and_resume(tmp_path / "run", "pretrain", 11, common, _env(), ROOT)
+    resumed = kill_and_resume(tmp_path / "run", "pretrain", 11, common, child_env(), ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "step_00000009" in resumed.stderr  # mid-epoch 0 (16 steps per epoch)
     assert max_weight_diff(tmp_path / "ref", tmp_path / "run") <= 1e-6
@@ -151,7 +144,8 @@ def test_two_process_ddp_pretraining_over_shards(tmp_path: Path) -> None:
                 "no", "--dynamo_backend", "no", "--main_process_port", "29519"]
     out = tmp_path / "ddp"
     ddp = subprocess.run([*launcher, "-m", "fcmae", "pretrain", *TINY, f"data.path={shards}", "data.num_workers=0",
-                          f"run.output_dir={out}"], env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          f"run.output_dir={out}"], env=child_env(), capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "2 process(es)" in ddp.stderr
     # 8 shards of 8 dealt to 2 ranks: 32 samples = 8 batches of 4 per rank and epoch, the same on both ranks
@@ -183,7 +177,7 @@ def test_finetune_from_shards_matches_folders(tmp_path: Path) -> None:
         out = tmp_path / source
         r = subprocess.run([sys.executable, "-m", "fcmae", "finetune", *common, f"data.source={source}",
                             f"data.train_path={train}", f"data.val_path={val}", f"run.output_dir={out}"],
-                           env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert r.returncode == 0, r.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         tops[source] = summary["val_top1"]
@@ -202,7 +196,7 @@ def test_shard_example_runs_with_the_config_default_workers(tmp_path: Path) -> N
              "run.export_every_epochs=0", "run.num_vis_images=2", "run.threads=1"]
     r = subprocess.run([sys.executable, "-m", "fcmae", "pretrain", "pretrain/convnextv2_atto", "data.source=webdataset",
                         f"data.path={tmp_path / 'shards'}", *small, f"run.output_dir={tmp_path / 'run'}"],
-                       env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+                       env=child_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "5 shards feed at most 5 data worker(s) per process: data.num_workers 10 -> 5" in r.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 1
@@ -212,7 +206,7 @@ def test_shard_prints_plain_lines_when_not_on_a_terminal(tmp_path: Path) -> None
     """Into a log or a pipe: one plain line per shard written, no progress bar and no carriage return."""
     _class_folders(tmp_path / "src", classes=2, per_class=8)
     r = subprocess.run([sys.executable, "-m", "fcmae", "shard", str(tmp_path / "src"), str(tmp_path / "s"),
-                        "--max-count", "8"], env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+                        "--max-count", "8"], env=child_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "\r" not in r.stdout
     assert r.stderr.splitlines() == ["shards: shard-000000.tar written, 8/16 images",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cluster_tools import child_env
 from crash_run import kill_and_resume, max_weight_diff
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -153,9 +153,7 @@ TINY = ["model.name=convnextv2_test", "model.in_chans=3", "data.source=webdatase
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", FCMAE_CACHE=str(tmp_path / "cache"))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return child_env(FCMAE_CACHE=str(tmp_path / "cache"))
 
 
 def _steps(out: Path) -> list[int]:

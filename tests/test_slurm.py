@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_tools import ROOT, TINY_DDP, env, steps_logged, torchrun
+from cluster_tools import ROOT, TINY_DDP, child_env, steps_logged, torchrun
 from safetensors.torch import load_file
 from slurm_cluster import SlurmCluster, missing
 
@@ -48,12 +48,12 @@ def _wait(what: str, ready, timeout: float, slurm: SlurmCluster, job: str) -> No
 def test_sbatch_preempted_twice_requeues_resumes_and_equals_an_uninterrupted_run(tmp_path, slurm):
     ref = tmp_path / "ref"
     reference = subprocess.run(torchrun("-m", "fcmae", "pretrain", "demo", *RUN, f"run.output_dir={ref}",
-                                        "run.resume=auto"), env=env(), cwd=ROOT, capture_output=True, text=True,
+                                        "run.resume=auto"), env=child_env(), cwd=ROOT, capture_output=True, text=True,
                                timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out, log = tmp_path / "run", tmp_path / "job.log"
-    e = {**env(), "PYTHON": sys.executable, "NPROC_PER_NODE": "2", "SLURM_CONF": slurm.env["SLURM_CONF"]}
+    e = {**child_env(), "PYTHON": sys.executable, "NPROC_PER_NODE": "2", "SLURM_CONF": slurm.env["SLURM_CONF"]}
     sub = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--cpus-per-task=2", str(SBATCH), "demo",
                           *RUN, f"run.output_dir={out}"], env=e, cwd=tmp_path, capture_output=True, text=True,
                          timeout=60)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cluster_tools import child_env
 
 from fcmae.train.tracking import hyperparameters, scalars
 
@@ -30,8 +31,7 @@ TINY = ["model.name=convnextv2_test", "model.decoder_embed_dim=32", "model.in_ch
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": ""}
+    return child_env(WANDB_MODE="offline", WANDB_SILENT="true", MLFLOW_TRACKING_URI="")
 
 
 def test_records_become_step_scalars_and_the_config_flat_hyperparameters():
